@@ -1,0 +1,91 @@
+"""Tokenizer wrapper (Hugging Face `tokenizers`) with streaming detokenization."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from tokenizers import Tokenizer
+
+
+class TextTokenizer:
+    def __init__(self, tokenizer: Tokenizer, eos_token_ids: list[int] | None = None, bos_token_id: int | None = None):
+        self.inner = tokenizer
+        self.eos_token_ids = list(eos_token_ids or [])
+        self.bos_token_id = bos_token_id
+        self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+
+    @classmethod
+    def from_file(cls, path: str | Path, eos_token_ids: list[int] | None = None, bos_token_id: int | None = None) -> "TextTokenizer":
+        return cls(Tokenizer.from_file(str(path)), eos_token_ids, bos_token_id)
+
+    def encode(self, text: str, add_bos: bool = False) -> list[int]:
+        ids = self.inner.encode(text, add_special_tokens=False).ids
+        if add_bos and self.bos_token_id is not None:
+            ids = [self.bos_token_id] + ids
+        return ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.inner.decode(ids, skip_special_tokens=True)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.inner.token_to_id(token)
+
+    def detokenizer(self, context_ids: list[int] = ()) -> "IncrementalDetokenizer":
+        return IncrementalDetokenizer(self, list(context_ids))
+
+
+class IncrementalDetokenizer:
+    """Turns a stream of token ids into text deltas.
+
+    Decoding token by token breaks multi-byte characters (byte-level BPE) and drops the spaces that word-level
+    decoders put *between* tokens, so each step decodes a short window that starts a few tokens back and
+    emits only what the window added. A delta ending in U+FFFD (an incomplete UTF-8 sequence) is held back
+    until the next token completes it.
+    """
+
+    CONTEXT = 4
+
+    def __init__(self, tokenizer: TextTokenizer, context_ids: list[int]):
+        self.tokenizer = tokenizer
+        self.ids = list(context_ids[-self.CONTEXT:])
+        self.prefix_offset = 0
+        self.read_offset = len(self.ids)
+        self.text = ""  # everything emitted so far (generated text only)
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        prefix_text = self.tokenizer.decode(self.ids[self.prefix_offset:self.read_offset])
+        new_text = self.tokenizer.decode(self.ids[self.prefix_offset:])
+        if len(new_text) <= len(prefix_text) or new_text.endswith("\ufffd"):
+            return ""
+        delta = new_text[len(prefix_text):]
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        self.text += delta
+        return delta
+
+
+# A few sentences to train the byte-level BPE of the random-weight default model. Any text would do: the
+# random model's output is noise; the tokenizer only has to be real (bytes in, bytes out, special tokens).
+_RANDOM_MODEL_CORPUS = """
+kvpilot serves long reasoning and agentic generation with a bounded key value cache.
+The decoder streams attention statistics to a policy service that decides which cached tokens to evict.
+Tool outputs arrive, are read, and later become obsolete; a good policy drops them and keeps what matters.
+Question: which document links to the answer? Let us follow the chain one hop at a time.
+The quick brown fox jumps over the lazy dog. 0123456789 + - * / = ( ) [ ] { } < > : ; , . ! ? ' "
+"""
+
+
+def build_byte_level_tokenizer(vocab_size: int = 512) -> Tokenizer:
+    """A small byte-level BPE tokenizer with <|bos|>, <|eos|>, <|pad|> special tokens (ids 0, 1, 2)."""
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|bos|>", "<|eos|>", "<|pad|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([_RANDOM_MODEL_CORPUS] * 4, trainer=trainer)
+    return tok
