@@ -1,0 +1,147 @@
+"""What the engine takes and gives back: request parameters, stream events, usage, and request errors.
+
+These are plain dataclasses; the gRPC server converts protobuf messages to and from them, so the engine can
+be driven in-process (tests, benchmarks, the eval harness) without gRPC.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+
+class RequestError(Exception):
+    """A request the engine refuses. `code` names the gRPC status the server answers with."""
+
+    code = "INVALID_ARGUMENT"
+
+
+class InvalidRequest(RequestError):
+    code = "INVALID_ARGUMENT"
+
+
+class ResourceExhausted(RequestError):
+    code = "RESOURCE_EXHAUSTED"
+
+
+class SessionNotFound(RequestError):
+    code = "NOT_FOUND"
+
+
+class SessionConflict(RequestError):
+    """The session already exists, or another request is generating in it."""
+
+    code = "FAILED_PRECONDITION"
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    seed: int | None = None  # None: the engine draws one and reports it
+    max_new_tokens: int = 256
+    stop: list[str] = field(default_factory=list)  # stop strings (not included in the output text)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass
+class CompressionConfig:
+    """How a sequence's KV cache is kept within budget. budget == 0 means no limit (policy `full`)."""
+
+    policy: str = "full"
+    budget: int = 0  # slots per (layer, KV head) after a compression
+    interval: int = 16  # compress every `interval` new tokens once the sequence holds >= budget slots
+    window: int = 16  # most recent tokens always kept
+    sinks: int = 4  # first tokens always kept
+    max_lag: int = 2  # decode steps a remote decision may be late before it is dropped (DESIGN invariant 5)
+    params: dict[str, str] = field(default_factory=dict)  # policy-specific, parsed by the policy
+
+    @property
+    def bounded(self) -> bool:
+        return self.policy != "full" and self.budget > 0
+
+    @property
+    def protected(self) -> int:
+        return self.sinks + self.window
+
+
+class SegmentKind(str, Enum):
+    USER = "user"
+    TOOL = "tool"
+    MODEL = "model"
+
+
+@dataclass
+class GenerationRequest:
+    request_id: str
+    input_ids: list[int]  # new tokens (for a session: appended to its history)
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
+    session_id: str | None = None
+    create_session: bool = False
+    input_kind: SegmentKind = SegmentKind.USER
+    add_bos: bool = True  # only for the first turn of a sequence
+
+
+class FinishReason(str, Enum):
+    EOS = "eos"
+    STOP = "stop"  # a stop string or stop token id
+    LENGTH = "length"
+    ABORT = "abort"  # cancelled by the client
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0  # tokens this request added to the sequence
+    cached_tokens: int = 0  # tokens of the session already in the KV cache when the request started
+    generated_tokens: int = 0
+    peak_kv_slots: int = 0  # max valid slots per (layer, KV head)
+    peak_kv_bytes: int = 0
+    reserved_kv_bytes: int = 0  # what admission control reserved for the sequence
+    evicted_tokens: int = 0
+    merged_tokens: int = 0
+    compression_events: int = 0
+    fallbacks: int = 0
+    dropped_decisions: int = 0
+    seed: int = 0
+    time_to_first_token_s: float = 0.0
+    duration_s: float = 0.0
+
+
+@dataclass
+class TokenEvent:
+    token_ids: list[int]
+    text: str
+
+
+@dataclass
+class EvictionEvent:
+    step: int  # decode step (tokens generated so far) at which the plan was applied
+    frame_id: int
+    policy: str
+    slots_before: int
+    slots_after: int
+    evicted: int
+    merged: int = 0
+    policy_latency_s: float = 0.0
+    staleness_steps: int = 0
+    fallback: bool = False
+    reason: str = ""  # why a fallback or drop happened
+
+
+@dataclass
+class FinishEvent:
+    finish_reason: FinishReason
+    usage: Usage
+    text: str = ""  # the whole generated text (stop string excluded)
+    token_ids: list[int] = field(default_factory=list)
+    matched_stop: str | int | None = None
+    session_id: str | None = None
+
+
+Event = TokenEvent | EvictionEvent | FinishEvent

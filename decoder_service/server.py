@@ -1,0 +1,289 @@
+"""The decoder's gRPC server (grpc.aio): Generate streaming, sessions, health and reflection.
+
+Protobuf <-> engine dataclasses conversion lives here; the engine never sees protobuf. Request errors become
+gRPC status codes with a message that says what to fix; the server keeps serving every other stream.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from decoder_service.async_engine import AsyncEngine
+from decoder_service.engine import Engine
+from decoder_service.requests import (
+    CompressionConfig,
+    EvictionEvent,
+    FinishEvent,
+    FinishReason,
+    GenerationRequest,
+    InvalidRequest,
+    RequestError,
+    SamplingParams,
+    SegmentKind,
+    TokenEvent,
+)
+from kvpilot.v1 import decoder_pb2 as pb
+from policy_service.registry import available_policies
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Decoder"].full_name
+SERVER_OPTIONS = [
+    ("grpc.max_receive_message_length", 64 << 20),
+    ("grpc.max_send_message_length", 64 << 20),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+]
+
+FINISH_REASONS = {
+    FinishReason.EOS: pb.FINISH_REASON_EOS,
+    FinishReason.STOP: pb.FINISH_REASON_STOP,
+    FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
+    FinishReason.ABORT: pb.FINISH_REASON_ABORT,
+}
+
+
+@dataclass
+class UndecodableRequest:
+    """Stands in for a request whose bytes did not parse (bad UTF-8 in a string field, truncated message)."""
+
+    error: str
+
+
+def tolerant(parse):
+    def deserialize(data: bytes):
+        try:
+            return parse(data)
+        except Exception as exc:  # answered with INVALID_ARGUMENT by the handler, not INTERNAL by grpc
+            return UndecodableRequest(str(exc))
+
+    return deserialize
+
+
+class DecoderServicer:
+    def __init__(self, engine: AsyncEngine):
+        self.engine = engine
+        self.tokenizer = engine.engine.tokenizer
+
+    async def Generate(self, request, context):
+        if isinstance(request, UndecodableRequest):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request could not be parsed: {request.error} "
+                                "(text must be valid UTF-8)")
+        try:
+            gen = self.to_engine_request(request)
+            stream = self.engine.generate(gen)
+            first = await anext(stream)  # request errors surface here, before anything is streamed
+        except RequestError as exc:
+            await context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
+        try:
+            event = first
+            while True:
+                yield to_response(gen.request_id, event)
+                if isinstance(event, FinishEvent):
+                    return
+                event = await anext(stream)
+        finally:
+            await stream.aclose()  # aborts the request in the engine if it has not finished
+
+    def to_engine_request(self, request: pb.GenerateRequest) -> GenerationRequest:
+        which = request.WhichOneof("input")
+        if which == "text":
+            input_ids = self.tokenizer.encode(request.text)
+            if request.text and not input_ids:
+                raise InvalidRequest("text encodes to no tokens")
+        elif which == "token_ids":
+            input_ids = list(request.token_ids.ids)
+        else:
+            input_ids = []
+        s, st, c = request.sampling, request.stopping, request.compression
+        sampling = SamplingParams(
+            temperature=s.temperature if s.HasField("temperature") else 1.0,
+            top_p=s.top_p if s.HasField("top_p") else 1.0,
+            top_k=s.top_k if s.HasField("top_k") else 0,
+            seed=s.seed if s.HasField("seed") else None,
+            max_new_tokens=st.max_new_tokens if st.HasField("max_new_tokens") else 256,
+            stop=list(st.stop),
+            stop_token_ids=list(st.stop_token_ids),
+            ignore_eos=st.ignore_eos,
+        )
+        defaults = CompressionConfig()
+        compression = CompressionConfig(
+            policy=c.policy or defaults.policy,
+            budget=c.budget,
+            interval=c.interval if c.HasField("interval") else defaults.interval,
+            window=c.window if c.HasField("window") else defaults.window,
+            sinks=c.sinks if c.HasField("sinks") else defaults.sinks,
+            max_lag=c.max_lag if c.HasField("max_lag") else defaults.max_lag,
+            params=dict(c.params),
+        )
+        return GenerationRequest(
+            request_id=request.request_id,
+            input_ids=input_ids,
+            sampling=sampling,
+            compression=compression,
+            session_id=request.session.id or None,
+            create_session=request.session.create,
+            input_kind=SegmentKind.TOOL if request.input_kind == pb.INPUT_KIND_TOOL_OUTPUT else SegmentKind.USER,
+            add_bos=request.add_bos if request.HasField("add_bos") else True,
+        )
+
+    async def GetSession(self, request, context):
+        try:
+            session, resident = await self.engine.call(lambda: self.engine.engine.get_session(request.session_id))
+        except RequestError as exc:
+            await context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
+        info = pb.SessionInfo(
+            session_id=session.id, num_tokens=len(session.token_ids), resident_kv_slots=resident,
+            turns=session.turns, generated_tokens=session.generated_tokens, evicted_tokens=session.evicted_tokens,
+            segments=[pb.Segment(start=s.start, end=s.end, kind=s.kind, index=s.index) for s in session.segments],
+            created_at=session.created_at, updated_at=session.updated_at,
+        )
+        if session.compression:
+            c = session.compression
+            info.compression.CopyFrom(pb.CompressionConfig(
+                policy=c["policy"], budget=c["budget"], interval=c["interval"], window=c["window"],
+                sinks=c["sinks"], max_lag=c["max_lag"], params=c["params"]))
+        if request.include_tokens:
+            info.token_ids.extend(session.token_ids)
+        return info
+
+    async def DeleteSession(self, request, context):
+        try:
+            await self.engine.call(lambda: self.engine.engine.delete_session(request.session_id))
+        except RequestError as exc:
+            await context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
+        return pb.DeleteSessionResponse()
+
+    async def GetModelInfo(self, request, context):
+        e = self.engine.engine
+        c = e.model_config
+        return pb.ModelInfo(
+            model_name=e.loaded.name, model_type=c.model_type, vocab_size=c.vocab_size, num_layers=c.num_layers,
+            num_kv_heads=c.num_kv_heads, head_dim=c.head_dim, max_context=c.max_position_embeddings,
+            kv_pool_bytes=e.pool.capacity_bytes, kv_bytes_per_slot=e.pool.slot_bytes,
+            policies=available_policies(), device=str(e.device),
+        )
+
+
+def to_response(request_id: str, event) -> pb.GenerateResponse:
+    if isinstance(event, TokenEvent):
+        return pb.GenerateResponse(request_id=request_id, chunk=pb.TokenChunk(token_ids=event.token_ids, text=event.text))
+    if isinstance(event, EvictionEvent):
+        return pb.GenerateResponse(request_id=request_id, eviction=pb.EvictionEvent(
+            step=event.step, frame_id=event.frame_id, policy=event.policy, slots_before=event.slots_before,
+            slots_after=event.slots_after, evicted=event.evicted, merged=event.merged,
+            policy_latency_ms=event.policy_latency_s * 1e3, staleness_steps=event.staleness_steps,
+            fallback=event.fallback, reason=event.reason))
+    u = event.usage
+    complete = pb.GenerationComplete(
+        finish_reason=FINISH_REASONS[event.finish_reason], text=event.text, session_id=event.session_id or "",
+        usage=pb.Usage(
+            prompt_tokens=u.prompt_tokens, cached_tokens=u.cached_tokens, generated_tokens=u.generated_tokens,
+            peak_kv_slots=u.peak_kv_slots, peak_kv_bytes=u.peak_kv_bytes, reserved_kv_bytes=u.reserved_kv_bytes,
+            evicted_tokens=u.evicted_tokens, merged_tokens=u.merged_tokens, compression_events=u.compression_events,
+            fallbacks=u.fallbacks, dropped_decisions=u.dropped_decisions, seed=u.seed,
+            time_to_first_token_ms=u.time_to_first_token_s * 1e3, duration_ms=u.duration_s * 1e3),
+    )
+    if isinstance(event.matched_stop, str):
+        complete.stop_string = event.matched_stop
+    elif isinstance(event.matched_stop, int):
+        complete.stop_token_id = event.matched_stop
+    return pb.GenerateResponse(request_id=request_id, complete=complete)
+
+
+def add_decoder_service(server: grpc.aio.Server, servicer: DecoderServicer) -> None:
+    """Register the Decoder service with a deserializer that turns unparsable requests into INVALID_ARGUMENT."""
+    handlers = {
+        "Generate": grpc.unary_stream_rpc_method_handler(
+            servicer.Generate, request_deserializer=tolerant(pb.GenerateRequest.FromString),
+            response_serializer=pb.GenerateResponse.SerializeToString),
+        "GetSession": grpc.unary_unary_rpc_method_handler(
+            servicer.GetSession, request_deserializer=pb.GetSessionRequest.FromString,
+            response_serializer=pb.SessionInfo.SerializeToString),
+        "DeleteSession": grpc.unary_unary_rpc_method_handler(
+            servicer.DeleteSession, request_deserializer=pb.DeleteSessionRequest.FromString,
+            response_serializer=pb.DeleteSessionResponse.SerializeToString),
+        "GetModelInfo": grpc.unary_unary_rpc_method_handler(
+            servicer.GetModelInfo, request_deserializer=pb.GetModelInfoRequest.FromString,
+            response_serializer=pb.ModelInfo.SerializeToString),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+
+
+class DecoderServer:
+    """A running decoder: engine thread + grpc.aio server + health + reflection."""
+
+    def __init__(self, engine: Engine, address: str = "127.0.0.1:50051"):
+        self.async_engine = AsyncEngine(engine)
+        self.address = address
+        self.server: grpc.aio.Server | None = None
+        self.health = health.aio.HealthServicer()
+        self.port = 0
+
+    async def start(self) -> int:
+        self.server = grpc.aio.server(options=SERVER_OPTIONS)
+        add_decoder_service(self.server, DecoderServicer(self.async_engine))
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            self.server)
+        self.port = self.server.add_insecure_port(self.address)
+        if self.port == 0:
+            raise RuntimeError(f"could not bind {self.address}")
+        await self.server.start()
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        host = self.address.rsplit(":", 1)[0]
+        self.address = f"{host}:{self.port}"
+        return self.port
+
+    async def stop(self, grace: float = 2.0) -> None:
+        await self.health.enter_graceful_shutdown()
+        if self.server is not None:
+            await self.server.stop(grace)
+        self.async_engine.close()
+
+    async def serve_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.add_signal_handler(sig, stop.set)
+            except (NotImplementedError, RuntimeError):
+                pass
+        await stop.wait()
+        await self.stop()
+
+
+class BackgroundServer:
+    """A DecoderServer on its own event-loop thread: for `kvpilot demo`, tests and benchmarks that drive it
+    with a synchronous client from the main thread."""
+
+    def __init__(self, engine: Engine, address: str = "127.0.0.1:0"):
+        import threading
+
+        self.server = DecoderServer(engine, address)
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="kvpilot-grpc", daemon=True)
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self.server.start(), self.loop).result(timeout=30)
+
+    @property
+    def address(self) -> str:
+        return self.server.address
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.server.stop(0.5), self.loop).result(timeout=30)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=5)
+
+    def __enter__(self) -> "BackgroundServer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

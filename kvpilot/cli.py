@@ -1,0 +1,143 @@
+"""`kvpilot` command line: serve, generate, demo, policies, train-model, eval, bench."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from decoder_service.runtime import add_runtime_arguments, build_engine, runtime_options
+
+
+def cmd_serve(args) -> int:
+    from decoder_service.server import DecoderServer
+
+    engine = build_engine(runtime_options(args))
+
+    async def main() -> None:
+        server = DecoderServer(engine, args.address)
+        await server.start()
+        print(f"kvpilot decoder serving {engine.loaded.name} on {server.address} "
+              f"(KV pool {engine.pool.capacity_bytes / 2**20:.0f} MiB, {engine.pool.capacity_slots} slots)", flush=True)
+        await server.serve_forever()
+
+    asyncio.run(main())
+    return 0
+
+
+def add_request_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=None, help="0 = greedy (server default 1.0)")
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--policy", default="", help="KV policy (see `kvpilot policies`); default full")
+    p.add_argument("--budget", type=int, default=0, help="KV slots to keep per (layer, KV head); 0 = unbounded")
+    p.add_argument("--interval", type=int)
+    p.add_argument("--window", type=int)
+    p.add_argument("--sinks", type=int)
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="policy parameter (repeatable)")
+
+
+def request_kwargs(args) -> dict:
+    params = {}
+    for item in args.param:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--param expects KEY=VALUE, got {item!r}")
+        params[key] = value
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                seed=args.seed, stop=args.stop, policy=args.policy, budget=args.budget, interval=args.interval,
+                window=args.window, sinks=args.sinks, params=params)
+
+
+def cmd_generate(args) -> int:
+    import grpc
+
+    from kvpilot.client import build_request, connect, format_usage, stream_to_terminal
+
+    stub = connect(args.url)
+    request = build_request(args.prompt, session_id=args.session or "", new_session=args.new_session,
+                            tool_output=args.tool_output, **request_kwargs(args))
+    try:
+        complete = stream_to_terminal(stub, request, timeout=args.timeout)
+    except grpc.RpcError as exc:
+        print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    print(format_usage(complete), file=sys.stderr)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from kvpilot.demo import run_demo
+
+    return run_demo(args)
+
+
+def cmd_policies(args) -> int:
+    from policy_service.registry import POLICIES
+
+    for name in sorted(POLICIES):
+        doc = (POLICIES[name].__doc__ or "").strip().splitlines()
+        print(f"{name:16s} {doc[0] if doc else ''}")
+    return 0
+
+
+def cmd_train_model(args) -> int:
+    from kvpilot.training import train_model
+
+    return train_model.run(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvpilot", description="gRPC inference with a bounded KV cache")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the decoder gRPC server (embedded in-process policy)")
+    add_runtime_arguments(p)
+    p.add_argument("--address", default="127.0.0.1:50051")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("generate", help="stream a generation from a running server to the terminal")
+    p.add_argument("prompt")
+    p.add_argument("--url", default="127.0.0.1:50051")
+    p.add_argument("--session", help="continue this session")
+    p.add_argument("--new-session", action="store_true", help="start a session (its id is printed at the end)")
+    p.add_argument("--tool-output", action="store_true", help="the prompt is a tool output (session segment)")
+    p.add_argument("--timeout", type=float)
+    add_request_arguments(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("demo", help="the main job: start a server in-process with the default model and run a request")
+    add_runtime_arguments(p)
+    p.add_argument("--task", default="multihop", help="task shown with the bundled model")
+    p.add_argument("--seed", type=int, default=7, help="which episode")
+    p.add_argument("--policy", default="full")
+    p.add_argument("--budget", type=int, default=0)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("policies", help="list the KV policies")
+    p.set_defaults(func=cmd_policies)
+
+    try:
+        from kvpilot.training import train_model
+    except ImportError:
+        train_model = None
+    if train_model is not None:
+        p = sub.add_parser("train-model", help="train the bundled reasoning model from a seed")
+        train_model.add_arguments(p)
+        p.set_defaults(func=cmd_train_model)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

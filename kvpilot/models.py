@@ -1,0 +1,49 @@
+"""Which model a command runs: a checkpoint path, the bundled reasoner, or the project's random-weight model."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+BUNDLED_MODEL = Path(__file__).resolve().parent / "assets" / "reasoner"
+CACHE_DIR = Path(os.environ.get("KVPILOT_HOME", Path.home() / ".cache" / "kvpilot"))
+
+
+def default_model_path() -> Path:
+    """The bundled trained model when present, else a small random-weight model made on first use."""
+    if (BUNDLED_MODEL / "config.json").is_file():
+        return BUNDLED_MODEL
+    return ensure_random_model(CACHE_DIR / "random-llama-tiny")
+
+
+def ensure_random_model(path: Path, seed: int = 0) -> Path:
+    """Create (once) a small Llama-architecture model with random weights and a byte-level BPE tokenizer.
+
+    Same seed, same weights: the random model is part of the project, not a download."""
+    path = Path(path)
+    if (path / "config.json").is_file():
+        return path
+    from decoder_service.checkpoint import save_checkpoint
+    from decoder_service.model import ModelConfig, Transformer
+    from decoder_service.tokenizer import build_byte_level_tokenizer
+
+    tokenizer = build_byte_level_tokenizer(vocab_size=512)
+    config = ModelConfig(
+        vocab_size=tokenizer.get_vocab_size(), hidden_size=128, intermediate_size=352, num_layers=4, num_heads=4,
+        num_kv_heads=2, head_dim=32, max_position_embeddings=4096, rope_theta=10000.0,
+        bos_token_id=tokenizer.token_to_id("<|bos|>"), eos_token_ids=[tokenizer.token_to_id("<|eos|>")],
+    )
+    torch.manual_seed(seed)
+    model = Transformer(config).init_random(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Write into a temporary sibling and rename, so concurrent first runs never see half a checkpoint.
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=".tmp-"))
+    tokenizer.save(str(tmp / "tokenizer.json"))
+    save_checkpoint(model, tmp / "tokenizer.json", tmp)
+    try:
+        tmp.rename(path)
+    except OSError:  # another process won the race
+        pass
+    return path

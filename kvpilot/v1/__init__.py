@@ -1,0 +1,1 @@
+"""Generated protobuf/gRPC stubs (python -m kvpilot.protogen). Do not edit."""
