@@ -138,6 +138,8 @@ class Engine:
                 f"but the whole KV pool holds {self.pool.capacity_slots}; lower max_new_tokens or set a compression budget"
             )
         if session:
+            if request.create_session:
+                self.store.put(session)  # visible (GetSession, conflicts) from now on
             self.busy_sessions.add(session.id)
         seq.usage.prompt_tokens = len(input_ids)
         seed = request.sampling.seed if request.sampling.seed is not None else random.getrandbits(63)

@@ -1,0 +1,69 @@
+"""Shared fixtures: tiny random-weight checkpoints of each model family, engines built on them."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("KVPILOT_HOME", os.path.join(os.path.dirname(__file__), "..", ".pytest_cache", "kvpilot_home"))
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+from decoder_service.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from decoder_service.engine import Engine, EngineConfig  # noqa: E402
+from decoder_service.model import ModelConfig, Transformer  # noqa: E402
+from decoder_service.tokenizer import build_byte_level_tokenizer  # noqa: E402
+
+FAMILY_OVERRIDES = {
+    "llama": dict(model_type="llama", qkv_bias=True, o_bias=True,
+                  rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                "high_freq_factor": 4.0, "original_max_position_embeddings": 32}),
+    "qwen2": dict(model_type="qwen2", qkv_bias=True, rope_theta=1_000_000.0),
+    "qwen3": dict(model_type="qwen3", qk_norm=True, tie_word_embeddings=True),
+}
+
+
+def tiny_config(vocab_size: int, family: str = "llama", **overrides) -> ModelConfig:
+    fields = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                  num_kv_heads=2, head_dim=16, max_position_embeddings=512, bos_token_id=0, eos_token_ids=[1])
+    fields.update(FAMILY_OVERRIDES[family])
+    fields.update(overrides)
+    return ModelConfig(**fields)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_json(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
+    build_byte_level_tokenizer(vocab_size=300).save(str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def make_checkpoint(tmp_path_factory, tokenizer_json):
+    """make_checkpoint(family, seed=0, **config overrides) -> directory of a saved random-weight model."""
+    cache = {}
+
+    def make(family: str = "llama", seed: int = 0, shard_bytes: int | None = None, **overrides):
+        key = (family, seed, shard_bytes, tuple(sorted(overrides.items())))
+        if key not in cache:
+            config = tiny_config(300, family, **overrides)
+            model = Transformer(config).init_random(seed, std=0.1)
+            out = tmp_path_factory.mktemp(f"{family}-{seed}")
+            cache[key] = save_checkpoint(model, tokenizer_json, out, max_shard_bytes=shard_bytes)
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_model(make_checkpoint):
+    return load_checkpoint(make_checkpoint("llama"))
+
+
+@pytest.fixture
+def make_engine(tiny_model):
+    def make(**config) -> Engine:
+        config.setdefault("kv_pool_bytes", 2 << 20)
+        return Engine(tiny_model, EngineConfig(**config))
+
+    return make
