@@ -10,41 +10,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from decoder_service.kv_pool import SequenceKV
 
-
-class SlotStatistics:
-    """Per-slot attention statistics of one sequence, aligned with its pool region: [L, H, capacity].
-
-    `cumulative`: attention mass each slot received, summed over all queries so far and over the query
-    heads of its KV group (H2O's score). Compaction gathers it with the same keep plan as the KV.
-    """
-
-    def __init__(self, num_layers: int, num_kv_heads: int, capacity: int, device: torch.device):
-        self.cumulative = torch.zeros(num_layers, num_kv_heads, capacity, dtype=torch.float32, device=device)
-
-    def observe(self, layer: int, probs: Tensor) -> None:
-        """probs: [H, G*T, S] attention of T new queries (G query heads per KV head) over S slots."""
-        self.cumulative[layer, :, :probs.shape[-1]] += probs.sum(dim=1)
-
-    def resize(self, capacity: int, n_valid: int) -> None:
-        grown = self.cumulative.new_zeros(*self.cumulative.shape[:2], capacity)
-        grown[:, :, :n_valid] = self.cumulative[:, :, :n_valid]
-        self.cumulative = grown
-
-    def gather(self, keep: Tensor, n_valid: int) -> None:
-        """Apply a keep plan ([n_keep] global or [L, H, n_keep] per head) and zero the freed tail."""
-        n_keep = keep.shape[-1]
-        if keep.dim() == 1:
-            kept = self.cumulative[:, :, keep]
-        else:
-            kept = torch.gather(self.cumulative[:, :, :n_valid], 2, keep)
-        self.cumulative[:, :, :n_keep] = kept
-        self.cumulative[:, :, n_keep:] = 0
+if TYPE_CHECKING:
+    from decoder_service.statistics import SequenceStatistics
 
 
 @dataclass
@@ -52,9 +26,10 @@ class Segment:
     """The slice [start, start + length) of the flat step batch that belongs to one sequence."""
 
     kv: SequenceKV
-    stats: SlotStatistics | None
+    stats: "SequenceStatistics | None"
     start: int
     length: int
+    positions: Tensor  # [length] logical positions of the new tokens
 
 
 class PoolAttention:
@@ -71,7 +46,7 @@ class PoolAttention:
             n_total = seg.kv.n + seg.length
             o, probs = attend(q[0, rows], seg.kv.k[layer, :, :n_total], seg.kv.v[layer, :, :n_total], seg.kv.n)
             if seg.stats is not None:
-                seg.stats.observe(layer, probs)
+                seg.stats.observe(layer, q[0, rows], probs, seg.positions)
             out[0, rows] = o
         return out
 

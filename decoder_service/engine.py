@@ -21,7 +21,8 @@ from typing import Callable
 
 import torch
 
-from decoder_service.attention import PoolAttention, Segment, SlotStatistics
+from decoder_service.attention import PoolAttention, Segment
+from decoder_service.compression import CompressionState, Compressor
 from decoder_service.checkpoint import LoadedModel
 from decoder_service.kv_pool import KVPool, PoolExhausted, SequenceKV
 from decoder_service.requests import (
@@ -40,7 +41,9 @@ from decoder_service.requests import (
 )
 from decoder_service.sampling import sample_token
 from decoder_service.sessions import InMemorySessionStore, Session
-from policy_service.registry import available_policies, policy_class
+from decoder_service.statistics import SequenceStatistics
+from policy_service.registry import available_policies, make_scorer
+from policy_service.scorers.base import ParameterError, Scorer
 
 
 @dataclass
@@ -64,7 +67,9 @@ class Sequence:
     num_computed: int  # tokens whose K/V is in the cache; the next fed token has this logical position
     input_start: int  # index in token_ids where this request's input begins
     kv: SequenceKV | None = None
-    stats: SlotStatistics | None = None
+    stats: SequenceStatistics | None = None
+    scorer: Scorer | None = None
+    compression_state: CompressionState = field(default_factory=CompressionState)
     session: Session | None = None
     generated: list[int] = field(default_factory=list)
     generator: torch.Generator | None = None
@@ -107,15 +112,16 @@ class Engine:
         self.store = store or InMemorySessionStore()
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
-        self.resident: OrderedDict[str, tuple[SequenceKV, SlotStatistics | None, int]] = OrderedDict()
+        self.resident: OrderedDict[str, tuple[SequenceKV, SequenceStatistics | None, int]] = OrderedDict()
         self.busy_sessions: set[str] = set()
-        self.step_hooks: list[StepHook] = []
+        self.compressor = Compressor()
+        self.step_hooks: list[StepHook] = [self.compressor]
         self.steps = 0
 
     # ---- requests -----------------------------------------------------------------------------------
     def add_request(self, request: GenerationRequest, emit: Callable[[Event], None]) -> Sequence:
         """Validate and queue a request. Raises a RequestError (nothing is queued then)."""
-        self._validate(request)
+        scorer = self._validate(request)
         session = self._open_session(request)
         history = session.token_ids if session else []
         input_ids = list(request.input_ids)
@@ -130,7 +136,7 @@ class Engine:
             raise InvalidRequest(f"request_id {request.request_id!r} is already in flight; use a unique id")
         # num_computed is settled at admission: a parked session KV may be dropped while this waits.
         seq = Sequence(request=request, emit=emit, token_ids=history + input_ids, num_computed=0,
-                       input_start=len(history), session=session)
+                       input_start=len(history), session=session, scorer=scorer)
         seq.reserved_slots = self._footprint(seq)
         if seq.reserved_slots > self.pool.capacity_slots:
             raise ResourceExhausted(
@@ -162,7 +168,7 @@ class Engine:
         return bool(self.waiting or self.running)
 
     # ---- validation ---------------------------------------------------------------------------------
-    def _validate(self, request: GenerationRequest) -> None:
+    def _validate(self, request: GenerationRequest) -> Scorer:
         s, c = request.sampling, request.compression
         if not request.input_ids and not request.session_id:
             raise InvalidRequest("prompt is empty: send text or token_ids")
@@ -180,7 +186,7 @@ class Engine:
             raise InvalidRequest(f"top_k must be >= 0 (got {s.top_k}); 0 disables it")
         if any(not stop for stop in s.stop):
             raise InvalidRequest("stop strings must not be empty")
-        validate_compression(c)
+        return validate_compression(c)
 
     def _check_lengths(self, total: int, request: GenerationRequest) -> None:
         context = self.model_config.max_position_embeddings
@@ -236,6 +242,8 @@ class Engine:
                     kv, stats, num_computed = resident
                     seq.kv = self.pool.resize(kv.owner, max(seq.reserved_slots, kv.n))
                     seq.num_computed = seq.usage.cached_tokens = num_computed
+                    if stats is not None and stats.spec != seq.scorer.spec():
+                        stats = None  # the policy changed between turns: start its statistics afresh
                     seq.stats = stats
                     if stats is not None:
                         stats.resize(seq.kv.capacity, seq.kv.n)
@@ -248,14 +256,13 @@ class Engine:
                     if resident is not None:
                         self.resident[sid] = resident  # still resident; try again next step
                     return False
-        if seq.stats is None and self._needs_stats(seq):
-            seq.stats = SlotStatistics(self.model_config.num_layers, self.model_config.num_kv_heads,
-                                       seq.kv.capacity, self.device)
+        spec = seq.scorer.spec()
+        if seq.stats is None and spec.names:
+            c = self.model_config
+            seq.stats = SequenceStatistics(spec, c.num_layers, c.num_kv_heads, c.num_heads, c.head_dim,
+                                           seq.kv.capacity, self.device)
         seq.usage.reserved_kv_bytes = seq.kv.capacity * self.pool.slot_bytes
         return True
-
-    def _needs_stats(self, seq: Sequence) -> bool:
-        return bool(policy_class(seq.request.compression.policy).stats)
 
     def _drop_idle_session(self) -> bool:
         """Free the least recently used idle session's KV (its history stays; it re-prefills later)."""
@@ -274,6 +281,8 @@ class Engine:
                 budget -= 1
         for seq in self.running:
             if seq.in_prefill and budget > 0:
+                if seq.kv.free_slots == 0:
+                    self.compressor(self, seq)  # a parked session larger than its new budget: make room first
                 chunk = min(seq.pending, self.config.prefill_chunk, budget, seq.kv.free_slots)
                 if chunk > 0:
                     batch.append((seq, chunk))
@@ -293,7 +302,8 @@ class Engine:
             start = seq.num_computed
             ids.extend(seq.token_ids[start:start + n])
             positions.extend(range(start, start + n))
-            segments.append(Segment(kv=seq.kv, stats=seq.stats, start=cursor, length=n))
+            segments.append(Segment(kv=seq.kv, stats=seq.stats, start=cursor, length=n,
+                                    positions=torch.arange(start, start + n, device=self.device)))
             cursor += n
             if start + n == len(seq.token_ids):
                 sample_rows.append(cursor - 1)
@@ -309,10 +319,10 @@ class Engine:
             self._append_token(seq, sample_token(logits[row], seq.request.sampling, seq.generator))
         self.steps += 1
         for seq, _ in batch:
+            seq.usage.peak_kv_slots = max(seq.usage.peak_kv_slots, seq.kv.n)  # before compression: the true peak
             if seq.finish_reason is None:
                 for hook in self.step_hooks:
                     hook(self, seq)
-            seq.usage.peak_kv_slots = max(seq.usage.peak_kv_slots, seq.kv.n)
         for seq, _ in batch:
             if seq.finish_reason is not None:
                 self._retire(seq)
@@ -422,11 +432,14 @@ class Engine:
         return [results[r.request_id] for r in requests]
 
 
-def validate_compression(c: CompressionConfig) -> None:
+def validate_compression(c: CompressionConfig) -> Scorer:
+    """Check a compression config and build its scorer (raises InvalidRequest with what to fix)."""
     try:
-        policy_class(c.policy)
+        scorer = make_scorer(c.policy, c.params)
     except KeyError:
         raise InvalidRequest(f"unknown policy {c.policy!r}; available: {', '.join(available_policies())}") from None
+    except ParameterError as exc:
+        raise InvalidRequest(str(exc)) from None
     if c.budget < 0 or c.interval < 1 or c.window < 0 or c.sinks < 0 or c.max_lag < 0:
         raise InvalidRequest("compression budget, window, sinks and max_lag must be >= 0 and interval >= 1")
     if c.policy != "full" and c.budget == 0:
@@ -435,3 +448,4 @@ def validate_compression(c: CompressionConfig) -> None:
         raise InvalidRequest(
             f"budget {c.budget} must exceed the protected sinks + window ({c.sinks} + {c.window} = {c.protected})"
         )
+    return scorer

@@ -118,6 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=int, default=0)
     p.set_defaults(func=cmd_demo)
 
+    p = sub.add_parser("eval", help="accuracy of a policy on the bundled tasks through the real engine")
+    from kvpilot import evaluate
+
+    evaluate.add_arguments(p)
+    p.set_defaults(func=evaluate.run)
+
     p = sub.add_parser("policies", help="list the KV policies")
     p.set_defaults(func=cmd_policies)
 

@@ -1,17 +1,31 @@
 """Policy registry: policy name -> scorer class. One scorer per file under policy_service/scorers/."""
 from __future__ import annotations
 
+from policy_service.scorers.base import Scorer
 from policy_service.scorers.full import Full
+from policy_service.scorers.h2o import H2O
+from policy_service.scorers.knorm import Knorm
+from policy_service.scorers.random_policy import Random
+from policy_service.scorers.rkv import RKV
+from policy_service.scorers.snapkv import SnapKV
+from policy_service.scorers.streaming_llm import StreamingLLM
+from policy_service.scorers.tova import TOVA
+from policy_service.scorers.vase import VaSE
 
-POLICIES: dict[str, type] = {cls.name: cls for cls in (Full,)}
+POLICIES: dict[str, type[Scorer]] = {cls.name: cls for cls in (Full, Random, StreamingLLM, H2O, TOVA, SnapKV, Knorm, RKV, VaSE)}
 
 
 def available_policies() -> list[str]:
     return sorted(POLICIES)
 
 
-def policy_class(name: str) -> type:
+def policy_class(name: str) -> type[Scorer]:
     try:
         return POLICIES[name]
     except KeyError:
         raise KeyError(f"unknown policy {name!r}; available: {', '.join(available_policies())}") from None
+
+
+def make_scorer(name: str, params: dict[str, str] | None = None) -> Scorer:
+    """Build a scorer from a policy name and the request's string parameters (raises KeyError/ParameterError)."""
+    return policy_class(name).from_params(params)

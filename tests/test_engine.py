@@ -164,24 +164,17 @@ def test_admission_control(make_engine):
 
 
 def test_cumulative_attention_statistics_add_up(make_engine, tiny_model):
-    from decoder_service.attention import SlotStatistics
-    from decoder_service.engine import Engine
-
     engine = make_engine()
-    engine._needs_stats = lambda seq: True  # collect statistics although `full` declares none
-    engine.generate([greedy("a", PROMPTS[1], n=6)])
-    # Each query's attention sums to 1 per query head: per layer and KV head, the total is queries x group size.
-    engine2 = make_engine()
-    engine2._needs_stats = lambda seq: True
     seqs = []
-    orig = engine2._retire
-    engine2._retire = lambda seq: (seqs.append(seq), orig(seq))
-    engine2.generate([greedy("b", PROMPTS[1], n=6)])
-    stats: SlotStatistics = seqs[0].stats
+    retire = engine._retire
+    engine._retire = lambda seq: (seqs.append(seq), retire(seq))
+    # h2o declares cumulative attention; a budget above the length never compresses.
+    compression = CompressionConfig(policy="h2o", budget=10_000)
+    engine.generate([greedy("b", PROMPTS[1], n=6, compression=compression)])
+    # Each query's attention sums to 1 per query head: per layer and KV head, the total is queries x group size.
+    totals = seqs[0].stats.accumulators["cumulative_attention"].sum(-1)
     queries = len(PROMPTS[1]) + 1 + 5  # prompt with <bos>, then 5 fed back generated tokens
-    group = tiny_model.config.group_size
-    totals = stats.cumulative.sum(-1)
-    assert torch.allclose(totals, torch.full_like(totals, queries * group), rtol=1e-5)
+    assert torch.allclose(totals, torch.full_like(totals, queries * tiny_model.config.group_size), rtol=1e-5)
 
 
 def test_session_continues_from_resident_kv(make_engine):

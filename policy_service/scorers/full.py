@@ -1,11 +1,18 @@
-"""`full`: keep everything (the uncompressed reference)."""
+"""`full`: keep everything; the uncompressed reference."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import ClassVar
 
+from policy_service.frame import StatsFrame
+from policy_service.scorers.base import Scorer
+
 
 @dataclass
-class Full:
+class Full(Scorer):
+    """Keep every token (no compression; the reference for parity)."""
+
     name: ClassVar[str] = "full"
-    stats: ClassVar[frozenset[str]] = frozenset()
+
+    def plan(self, frame: StatsFrame):
+        return None

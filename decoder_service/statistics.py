@@ -1,0 +1,154 @@
+"""Per-slot statistics the decoder keeps for a sequence, and the frames it snapshots for its policy.
+
+Only what the policy declares (a StatsSpec) is computed. Two kinds:
+  carried  updated at every step from the attention probabilities: cumulative and decayed attention, and a
+           ring of the last queries (with their positions) for window / last-query attention. Aligned with
+           the pool region's slots [L, H, capacity] and gathered with the same plan as the KV.
+  on demand computed from the cached K/V when a frame is taken: norms, value range, R-KV redundancy,
+           random projections, window attention of the query ring, positions, token and segment ids.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+import kernels
+from decoder_service.kv_pool import SequenceKV
+from policy_service.frame import StatsFrame
+from policy_service.scorers.base import StatsSpec
+
+CARRIED = {"cumulative_attention", "decayed_attention"}
+
+
+class SequenceStatistics:
+    def __init__(self, spec: StatsSpec, num_layers: int, num_kv_heads: int, num_heads: int, head_dim: int,
+                 capacity: int, device: torch.device):
+        self.spec = spec
+        self.shape = (num_layers, num_kv_heads)
+        self.accumulators: dict[str, Tensor] = {
+            name: torch.zeros(num_layers, num_kv_heads, capacity, dtype=torch.float32, device=device)
+            for name in spec.names & CARRIED
+        }
+        ring = spec.window_queries if "window_attention" in spec.names else 0
+        if "last_attention" in spec.names:
+            ring = max(ring, 1)
+        self.ring_size = ring
+        self.queries = torch.zeros(num_layers, num_heads, ring, head_dim, device=device) if ring else None
+        self.query_positions = torch.zeros(ring, dtype=torch.long, device=device) if ring else None
+        self.queries_seen = 0  # total queries observed (ring index = count % ring_size)
+
+    @property
+    def needs_probabilities(self) -> bool:
+        return bool(self.accumulators)
+
+    # ---- carried statistics (called by the attention backend, once per layer per step) -------------
+    def observe(self, layer: int, q: Tensor, probs: Tensor, positions: Tensor) -> None:
+        """q: [T, Hq, D] new queries; probs: [H, G*T, S] their attention (rows: group head, query);
+        positions: [T] their logical positions."""
+        t = q.shape[0]
+        if "cumulative_attention" in self.accumulators:
+            self.accumulators["cumulative_attention"][layer, :, :probs.shape[-1]] += probs.sum(dim=1)
+        if "decayed_attention" in self.accumulators:
+            # Each query decays what came before it by gamma: the last one counts fully.
+            h, gt, s = probs.shape
+            weights = self.spec.decay ** torch.arange(t - 1, -1, -1, device=probs.device, dtype=probs.dtype)
+            acc = self.accumulators["decayed_attention"][layer]
+            acc.mul_(self.spec.decay ** t)
+            acc[:, :s] += torch.einsum("hgts,t->hs", probs.view(h, gt // t, t, s), weights)
+        if self.queries is not None:
+            keep = min(t, self.ring_size)
+            slots = (self.queries_seen + t - keep + torch.arange(keep, device=q.device)) % self.ring_size
+            self.queries[layer][:, slots] = q[-keep:].transpose(0, 1).to(self.queries.dtype)
+            if layer == self.queries.shape[0] - 1:  # every layer saw the same tokens: advance once
+                self.query_positions[slots] = positions[-keep:].to(self.query_positions.device)
+                self.queries_seen += t
+
+    # ---- keeping aligned with the pool region -------------------------------------------------------
+    def resize(self, capacity: int, n_valid: int) -> None:
+        for name, acc in self.accumulators.items():
+            grown = acc.new_zeros(*acc.shape[:2], capacity)
+            grown[:, :, :n_valid] = acc[:, :, :n_valid]
+            self.accumulators[name] = grown
+
+    def gather(self, keep: Tensor, n_valid: int) -> None:
+        """Apply a keep plan ([k] global or [L, H, k] per head) to the carried statistics."""
+        for acc in self.accumulators.values():
+            k = keep.shape[-1]
+            kept = acc[:, :, keep] if keep.dim() == 1 else torch.gather(acc[:, :, :n_valid], 2, keep)
+            acc[:, :, :k] = kept
+            acc[:, :, k:] = 0
+
+    def merge(self, groups: list[list[int]], n_valid: int) -> None:
+        """After a merge plan: a representative carries the summed attention of its group."""
+        for acc in self.accumulators.values():
+            merged = torch.stack([acc[:, :, g].sum(-1) for g in groups], dim=-1)
+            acc[:, :, :len(groups)] = merged
+            acc[:, :, len(groups):] = 0
+
+
+def build_frame(frame_id: int, session_id: str, kv: SequenceKV, stats: SequenceStatistics | None, spec: StatsSpec,
+                history: list[int], tool_segments: list[tuple[int, int, int]], *, keep: int, sinks: int, window: int,
+                num_heads: int, step: int, seed: int) -> StatsFrame:
+    n = kv.n
+    L, H = kv.k.shape[:2]
+    frame = StatsFrame(frame_id=frame_id, session_id=session_id, n=n, keep=keep, sinks=sinks, window=window,
+                       num_layers=L, num_kv_heads=H, num_heads=num_heads, step=step, seed=seed,
+                       tool_segments=list(tool_segments))
+    names = spec.names
+    keys, values = kv.k[:, :, :n], kv.v[:, :, :n]
+    positions = kv.positions[:, :, :n]
+    out = frame.stats
+    for name in names & CARRIED:
+        out[name] = stats.accumulators[name][:, :, :n].clone()
+    if "window_attention" in names or "last_attention" in names:
+        window_probs = ring_attention(stats, keys, positions)  # [L, Hq, w, n], oldest query first
+        if "window_attention" in names:
+            out["window_attention"] = window_probs[:, :, -spec.window_queries:].mean(dim=2)
+        if "last_attention" in names:
+            out["last_attention"] = window_probs[:, :, -1]
+    if "key_norm" in names:
+        out["key_norm"] = keys.float().norm(dim=-1)
+    if "value_norm" in names:
+        out["value_norm"] = values.float().norm(dim=-1)
+    if "value_range" in names:
+        v32 = values.float()
+        out["value_range"] = v32.amax(dim=-1) - v32.amin(dim=-1)
+    if "key_redundancy" in names:
+        out["key_redundancy"] = torch.stack([kernels.key_redundancy(keys[layer]) for layer in range(L)])
+    if "kv_projection" in names:
+        rank = 20
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        g = (torch.randn(keys.shape[-1], rank, generator=gen) / math.sqrt(rank)).to(keys.device)
+        out["kv_projection"] = torch.stack(
+            [(keys.float() @ g).pow(2).sum(-1), (values.float() @ g).pow(2).sum(-1)], dim=-1)
+    if "keys_pre_rope_mean" in names:
+        out["keys_pre_rope_mean"] = torch.nn.functional.normalize(keys.float(), dim=-1).mean(dim=(0, 1))
+    if names & {"positions", "token_ids", "segment_ids"}:
+        out["positions"] = positions.clone()
+    if "token_ids" in names:
+        out["token_ids"] = torch.tensor(history, device=positions.device)[positions]
+    if "segment_ids" in names:
+        segment = torch.full((len(history),), -1, dtype=torch.long, device=positions.device)
+        for start, end, index in tool_segments:
+            segment[start:end] = index
+        out["segment_ids"] = segment[positions]
+    return frame
+
+
+def ring_attention(stats: SequenceStatistics, keys: Tensor, key_positions: Tensor) -> Tensor:
+    """Attention of the ring's queries over the current slots: [L, Hq, w, n] (queries oldest first).
+
+    A query attends only to keys at or before its own position (causality as when it was computed)."""
+    w = min(stats.queries_seen, stats.ring_size)
+    order = (stats.queries_seen - w + torch.arange(w, device=keys.device)) % stats.ring_size
+    q = stats.queries[:, :, order].float()  # [L, Hq, w, D]
+    qpos = stats.query_positions[order]
+    L, hq, _, d = q.shape
+    h = keys.shape[1]
+    k = keys.float().repeat_interleave(hq // h, dim=1)  # [L, Hq, n, D]
+    scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(d)  # [L, Hq, w, n]
+    kpos = key_positions.repeat_interleave(hq // h, dim=1)[:, :, None, :]  # [L, Hq, 1, n]
+    scores = scores.masked_fill(kpos > qpos[None, None, :, None], float("-inf"))
+    return torch.softmax(scores, dim=-1).nan_to_num(0.0)

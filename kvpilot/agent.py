@@ -1,0 +1,196 @@
+"""Run task episodes through the real engine: the agent loop of tool-using tasks.
+
+A turn is one Generate request on the episode's session. When the model ends a turn with a tool call (the
+episode's stop string, e.g. `</call>`), the environment's reply is appended to the session as a tool output
+and the model continues; the KV cache, compressed or not, carries over between turns. `run_episodes` drives
+many episodes at once on the synchronous engine (continuous batching across episodes); `run_episode_grpc`
+drives one over gRPC and streams it to a terminal (the demo).
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from typing import TextIO
+
+from decoder_service.engine import Engine
+from decoder_service.requests import (
+    CompressionConfig,
+    EvictionEvent,
+    FinishEvent,
+    FinishReason,
+    GenerationRequest,
+    SamplingParams,
+    SegmentKind,
+)
+from kvpilot.tasks import Episode
+
+
+@dataclass
+class EpisodeResult:
+    episode: Episode
+    text: str = ""  # everything the model wrote, turns joined by spaces
+    correct: bool = False
+    answered: bool = False
+    turns: int = 0
+    total_tokens: int = 0  # sequence length at the end: prompt + tool outputs + model text
+    generated_tokens: int = 0
+    peak_kv_slots: int = 0
+    evicted_tokens: int = 0
+    compression_events: int = 0
+    fallbacks: int = 0
+    finish: str = ""
+    evictions: list[EvictionEvent] = field(default_factory=list)
+
+
+def stop_criteria(episode: Episode, tokenizer) -> tuple[list[int], list[str]]:
+    """Stop strings that are single tokens become stop token ids (exact, no text matching)."""
+    ids, strings = [], []
+    for stop in episode.stop_strings:
+        tid = tokenizer.token_to_id(stop)
+        (ids.append(tid) if tid is not None else strings.append(stop))
+    return ids, strings
+
+
+class EpisodeRunner:
+    """Drives episodes on an in-process engine, all concurrently."""
+
+    def __init__(self, engine: Engine, compression: CompressionConfig | None = None, max_turn_tokens: int = 96,
+                 max_turns: int = 32, temperature: float = 0.0, seed: int = 0):
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self.compression = compression or CompressionConfig()
+        self.max_turn_tokens = max_turn_tokens
+        self.max_turns = max_turns
+        self.temperature = temperature
+        self.seed = seed
+
+    def run(self, episodes: list[Episode], progress=None) -> list[EpisodeResult]:
+        """Run all episodes, at most `max_running` of the engine at a time; `progress(done)` after each step."""
+        results = [EpisodeResult(e) for e in episodes]
+        queued = list(range(len(episodes)))[::-1]
+        while queued or self.engine.has_work():
+            in_flight = sum(1 for r in results[:len(episodes) - len(queued)] if not r.finish)
+            while queued and in_flight < self.engine.config.max_running:
+                i = queued.pop()
+                self._submit(i, results[i], self.tokenizer.encode(episodes[i].prompt), first=True)
+                in_flight += 1
+            self.engine.step()
+            if progress is not None:
+                progress(sum(1 for r in results if r.finish))
+        return results
+
+    def _submit(self, index: int, result: EpisodeResult, input_ids: list[int], first: bool) -> None:
+        episode = result.episode
+        stop_ids, stop_strings = stop_criteria(episode, self.tokenizer)
+        room = self.engine.model_config.max_position_embeddings - result.total_tokens - len(input_ids) - 2
+        session_id = f"episode-{index}-{id(self)}"
+        request = GenerationRequest(
+            request_id=f"{session_id}-t{result.turns}",
+            input_ids=input_ids,
+            sampling=SamplingParams(temperature=self.temperature, seed=self.seed + 1000 * index + result.turns,
+                                    max_new_tokens=max(1, min(self.max_turn_tokens, room)),
+                                    stop_token_ids=stop_ids, stop=stop_strings),
+            compression=self.compression,
+            session_id=session_id,
+            create_session=first,
+            input_kind=SegmentKind.USER if first else SegmentKind.TOOL,
+        )
+        # Called from inside the engine's callbacks for later turns: queued now, admitted on a later step.
+        self.engine.add_request(request, lambda ev: self._on_event(index, result, session_id, ev))
+
+    def _on_event(self, index: int, result: EpisodeResult, session_id: str, event) -> None:
+        if isinstance(event, EvictionEvent):
+            result.evictions.append(event)
+            return
+        if not isinstance(event, FinishEvent):
+            return
+        u = event.usage
+        result.turns += 1
+        result.text = f"{result.text} {event.text}".strip()
+        result.generated_tokens += u.generated_tokens
+        result.peak_kv_slots = max(result.peak_kv_slots, u.peak_kv_slots)
+        result.evicted_tokens += u.evicted_tokens
+        result.compression_events += u.compression_events
+        result.fallbacks += u.fallbacks
+        session = self.engine.store.get(session_id)
+        result.total_tokens = len(session.token_ids) if session else result.total_tokens
+        reply = None
+        if event.finish_reason is FinishReason.STOP and result.turns < self.max_turns:
+            reply = result.episode.tool_response(event.text)
+        context = self.engine.model_config.max_position_embeddings
+        if reply is not None:
+            reply_ids = self.tokenizer.encode(reply)
+            if result.total_tokens + len(reply_ids) + 2 < context:
+                self._submit(index, result, reply_ids, first=False)
+                return
+        result.finish = event.finish_reason.value
+        result.answered = result.episode.extract_answer(result.text) is not None
+        result.correct = result.episode.is_correct(result.text)
+        self.engine.delete_session(session_id)
+
+
+def run_episode_grpc(stub, episode: Episode, tokenizer, out: TextIO = sys.stdout, policy: str = "", budget: int = 0,
+                     max_turn_tokens: int = 96, max_turns: int = 32, interval: int | None = None,
+                     window: int | None = None) -> EpisodeResult:
+    """One episode over gRPC with streaming output: the model's turns as they stream, tool outputs dimmed."""
+    from kvpilot.client import build_request
+    from kvpilot.v1 import decoder_pb2 as pb
+
+    stop_ids, stop_strings = stop_criteria(episode, tokenizer)
+    result = EpisodeResult(episode)
+    session_id = ""
+    text_in, tool = episode.prompt, False
+    while True:
+        request = build_request(text_in, max_new_tokens=max_turn_tokens, temperature=0.0, stop=stop_strings,
+                                stop_token_ids=stop_ids, policy=policy, budget=budget, interval=interval,
+                                window=window, session_id=session_id, new_session=not session_id, tool_output=tool)
+        complete = None
+        for response in stub.Generate(request):
+            kind = response.WhichOneof("event")
+            if kind == "chunk":
+                out.write(response.chunk.text)
+                out.flush()
+            elif kind == "eviction":
+                e = response.eviction
+                out.write(f" \033[33m[evicted {e.evicted}: {e.slots_before}->{e.slots_after} slots]\033[0m")
+            else:
+                complete = response.complete
+        session_id = complete.session_id
+        u = complete.usage
+        result.turns += 1
+        result.text = f"{result.text} {complete.text}".strip()
+        result.generated_tokens += u.generated_tokens
+        result.peak_kv_slots = max(result.peak_kv_slots, u.peak_kv_slots)
+        result.evicted_tokens += u.evicted_tokens
+        result.compression_events += u.compression_events
+        reply = episode.tool_response(complete.text) if complete.finish_reason == pb.FINISH_REASON_STOP else None
+        if reply is None or result.turns >= max_turns:
+            break
+        out.write(f"\n  \033[2m{reply}\033[0m\n")
+        text_in, tool = reply, True
+    info = stub.GetSession(pb.GetSessionRequest(session_id=session_id))
+    result.total_tokens = info.num_tokens
+    stub.DeleteSession(pb.DeleteSessionRequest(session_id=session_id))
+    result.answered = episode.extract_answer(result.text) is not None
+    result.correct = episode.is_correct(result.text)
+    result.finish = "done"
+    out.write("\n")
+    return result
+
+
+def run_episode_demo(stub, engine: Engine, args) -> bool:
+    """`kvpilot demo` with the bundled model: one multi-hop question, streamed, checked."""
+    from kvpilot.tasks import make_episode
+
+    episode = make_episode(args.task, seed=args.seed)
+    print(f"task {episode.task} (seed {episode.seed}, {episode.difficulty}); the model calls a lookup tool, "
+          f"reads its output and follows the chain.\n")
+    print(f"prompt: {episode.prompt}\n--- stream (tool outputs dimmed) ---")
+    result = run_episode_grpc(stub, episode, engine.tokenizer, policy=args.policy, budget=args.budget)
+    print("--- result ---")
+    verdict = "RIGHT" if result.correct else "WRONG"
+    print(f"model answer: {episode.extract_answer(result.text)!r}; expected {episode.answer!r}: {verdict}")
+    print(f"turns {result.turns}, sequence {result.total_tokens} tokens ({result.generated_tokens} written by the model), "
+          f"peak KV {result.peak_kv_slots} slots ({result.peak_kv_slots * engine.pool.slot_bytes / 1024:.1f} KiB), "
+          f"evicted {result.evicted_tokens} in {result.compression_events} compressions")
+    return result.answered

@@ -1,0 +1,114 @@
+"""What crosses the decoder -> policy boundary: a statistics frame in, a decision plan out.
+
+The same dataclasses serve the in-process policy and, serialised as raw little-endian tensors, the remote
+policy service (policy.proto). Slot indices always refer to the frame's snapshot: slot i of (layer, head) is
+the i-th valid slot of that row when the frame was taken; slots are in position order.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+# Statistics a scorer may declare (DESIGN: "only those the active policy declares" are computed).
+# Shapes use L layers, H KV heads, Hq query heads, n valid slots.
+STATISTICS = {
+    "window_attention": "[L, Hq, n] attention of the last `window_queries` queries, averaged over them",
+    "last_attention": "[L, Hq, n] attention of the most recent query (TOVA)",
+    "cumulative_attention": "[L, H, n] attention received so far, summed over queries and the KV group (H2O)",
+    "decayed_attention": "[L, H, n] the same with exponential decay per step (gamma = decay)",
+    "key_norm": "[L, H, n] L2 norm of the (post-RoPE) key",
+    "value_norm": "[L, H, n] L2 norm of the value",
+    "value_range": "[L, H, n] max - min over the value vector's dimensions (VaSE)",
+    "key_redundancy": "[L, H, n] R-KV redundancy: softmax over slots of mean cosine similarity to other keys",
+    "kv_projection": "[L, H, n, 2] (|k G|^2, |v G|^2) for a Gaussian G [D, r] drawn from the frame's seed (VaSE-DKV)",
+    "keys_pre_rope_mean": "[n, D] mean over layers and KV heads of L2-normalised keys (CASK similarity)",
+    "positions": "[L, H, n] logical position of each slot",
+    "token_ids": "[L, H, n] token id at each slot's position",
+    "segment_ids": "[L, H, n] tool-output segment index of each slot (-1 outside tool outputs)",
+}
+
+
+@dataclass
+class StatsFrame:
+    """A snapshot of one sequence's cache, with the statistics its policy asked for."""
+
+    frame_id: int
+    session_id: str
+    n: int  # valid slots per (layer, KV head) at the snapshot
+    keep: int  # slots the plan should keep (protected ones included)
+    sinks: int  # slots [0, sinks) are protected
+    window: int  # slots [n - window, n) are protected
+    num_layers: int
+    num_kv_heads: int
+    num_heads: int
+    step: int  # tokens generated so far
+    seed: int  # for stochastic policies: derived from the request seed and the frame id
+    stats: dict[str, Tensor] = field(default_factory=dict)
+    tool_segments: list[tuple[int, int, int]] = field(default_factory=list)  # (start pos, end pos, index)
+
+    @property
+    def group_size(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    def protected_mask(self, device=None) -> Tensor:
+        """[n] bool: sinks and the recent window."""
+        mask = torch.zeros(self.n, dtype=torch.bool, device=device)
+        mask[: self.sinks] = True
+        if self.window:
+            mask[max(0, self.n - self.window):] = True
+        return mask
+
+    def generator(self) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed)
+
+
+@dataclass
+class KeepSet:
+    """Slots to keep: global [k] (same for every layer and head) or per head [L, H, k]. Sorted ascending."""
+
+    indices: Tensor
+
+    @property
+    def per_head(self) -> bool:
+        return self.indices.dim() == 3
+
+    @property
+    def count(self) -> int:
+        return self.indices.shape[-1]
+
+
+@dataclass
+class MergePlanSpec:
+    """Global merge plan (CASK): output slot j is the weighted value sum of `groups[j]`, keyed by `anchors[j]`.
+
+    Groups are disjoint, ordered by their smallest source; a kept slot is a group of one."""
+
+    groups: list[list[int]]
+    weights: list[list[float]]
+    anchors: list[int]
+
+    @property
+    def count(self) -> int:
+        return len(self.groups)
+
+
+@dataclass
+class SpanDrop:
+    """Token ranges [start, end) in logical positions to drop (model-driven policies: obsolete tool outputs)."""
+
+    spans: list[tuple[int, int]]
+
+
+Plan = KeepSet | MergePlanSpec | SpanDrop
+
+
+@dataclass
+class Decision:
+    frame_id: int
+    plan: Plan | None  # None: keep everything (nothing worth evicting)
+    policy: str
+    seed: int = 0
+    latency_s: float = 0.0  # time the policy took to plan
+    note: str = ""

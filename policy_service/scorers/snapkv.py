@@ -1,0 +1,37 @@
+"""`snapkv` (Li et al., SnapKV): keep what the last window of queries attends to, clustered by pooling.
+
+Score = attention of the last `window_queries` queries (averaged), max-pooled along the slots with `kernel`
+(neighbours of an important token are kept too), averaged over the KV group; per (layer, KV head).
+Defaults: observation window 32 queries, kernel 7, max pooling (kvpress / SnapKV code)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from torch import Tensor
+
+from policy_service.frame import StatsFrame
+from policy_service.scorers.base import ParameterError, StatsSpec, TopKScorer, group_reduce, pool_slots
+
+
+@dataclass
+class SnapKV(TopKScorer):
+    """Windowed attention, pooled."""
+
+    name: ClassVar[str] = "snapkv"
+    stats: ClassVar[frozenset[str]] = frozenset({"window_attention"})
+    window_queries: int = 32
+    kernel: int = 7
+    pooling: str = "max"
+
+    def validate(self) -> None:
+        if self.window_queries < 1 or self.kernel < 1 or self.kernel % 2 == 0:
+            raise ParameterError("snapkv: window_queries >= 1 and an odd kernel >= 1 are required")
+        if self.pooling not in ("max", "avg"):
+            raise ParameterError("snapkv: pooling is max or avg")
+
+    def spec(self) -> StatsSpec:
+        return StatsSpec(self.stats, window_queries=self.window_queries)
+
+    def score(self, frame: StatsFrame) -> Tensor:
+        return group_reduce(pool_slots(frame.stats["window_attention"], self.kernel, self.pooling), frame)
