@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -41,7 +41,10 @@ class LocalPolicy:
 class CompressionState:
     """Per-sequence bookkeeping of the compressor."""
 
-    frames: int = 0
+    frames: int = 0  # frames snapshotted (frame ids are 1, 2, ...)
+    epoch: int = 0  # plans applied: a frame taken before the latest one is superseded
+    frame_epoch: dict[int, int] = field(default_factory=dict)  # frame id -> epoch at snapshot
+    frame_step: dict[int, int] = field(default_factory=dict)  # frame id -> engine step at snapshot
 
 
 def frame_seed(request_seed: int, frame_id: int) -> int:
@@ -72,10 +75,13 @@ class Compressor:
             return kv.n > c.budget and kv.free_slots < min(seq.pending, engine.config.prefill_chunk)
         return kv.n >= c.budget + c.interval
 
+    @torch.inference_mode()
     def snapshot(self, engine, seq) -> StatsFrame:
         c = seq.request.compression
         state = seq.compression_state
         state.frames += 1
+        state.frame_epoch[state.frames] = state.epoch
+        state.frame_step[state.frames] = engine.steps
         session = seq.session
         tool_segments = [(s.start, s.end, s.index) for s in session.segments if s.kind == "tool"] if session else []
         return build_frame(
@@ -84,16 +90,27 @@ class Compressor:
             num_heads=engine.model_config.num_heads, step=len(seq.generated),
             seed=frame_seed(seq.usage.seed, state.frames))
 
-    def apply(self, engine, seq, frame: StatsFrame, decision: Decision, fallback: bool = False, reason: str = "") -> None:
-        kv = seq.kv
+    @torch.inference_mode()
+    def apply(self, engine, seq, frame: StatsFrame, decision: Decision, fallback: bool = False, reason: str = "") -> bool:
+        """Apply a decision to the live cache (DESIGN invariant 5). Returns False when it was dropped as stale:
+        its frame was superseded by a later applied plan, or it is more than `max_lag` steps old. Slots
+        appended after the frame's snapshot are always kept."""
+        kv, state = seq.kv, seq.compression_state
+        staleness = engine.steps - state.frame_step.pop(frame.frame_id, engine.steps)
+        superseded = state.frame_epoch.pop(frame.frame_id, state.epoch) != state.epoch
+        if superseded or staleness > seq.request.compression.max_lag:
+            seq.usage.dropped_decisions += 1
+            return False
         before = kv.n
         plan = decision.plan
         if plan is None:
             if kv.free_slots == 0:
                 raise RuntimeError(f"policy {decision.policy} kept everything but the sequence has no free slot")
-            return
+            return True
         merged = 0
         keep = self.keep_indices(plan, frame, kv)
+        if keep is not None and kv.n > frame.n:
+            keep = with_new_slots(keep, frame.n, kv.n)
         if isinstance(plan, MergePlanSpec):
             kv.n = kernels.merge_(kv.k, kv.v, kv.positions, kernels.MergePlan.from_groups(
                 plan.groups, plan.weights, plan.anchors), kv.n)
@@ -104,6 +121,7 @@ class Compressor:
             kv.n = kernels.compact_(kv.k, kv.v, kv.positions, keep, kv.n)
             if seq.stats is not None:
                 seq.stats.gather(keep, before)
+        state.epoch += 1
         u = seq.usage
         u.compression_events += 1
         u.evicted_tokens += before - kv.n - merged
@@ -111,7 +129,9 @@ class Compressor:
         u.fallbacks += int(fallback)
         seq.emit(EvictionEvent(step=len(seq.generated), frame_id=frame.frame_id, policy=decision.policy,
                                slots_before=before, slots_after=kv.n, evicted=before - kv.n - merged, merged=merged,
-                               policy_latency_s=decision.latency_s, fallback=fallback, reason=reason))
+                               policy_latency_s=decision.latency_s, staleness_steps=staleness, fallback=fallback,
+                               reason=reason))
+        return True
 
     def keep_indices(self, plan: Plan, frame: StatsFrame, kv) -> torch.Tensor | None:
         """Validate a plan against the frame and return the keep set the compaction kernel takes."""
@@ -133,6 +153,14 @@ class Compressor:
     def apply_fallback(self, engine, seq, frame: StatsFrame, reason: str) -> None:
         decision = LocalPolicy().decide(frame, self.fallback)
         self.apply(engine, seq, frame, decision, fallback=True, reason=reason)
+
+
+def with_new_slots(keep: torch.Tensor, frame_n: int, n: int) -> torch.Tensor:
+    """Append the slots [frame_n, n) that arrived after the snapshot (always kept) to a keep set."""
+    new = torch.arange(frame_n, n, device=keep.device, dtype=keep.dtype)
+    if keep.dim() == 3:
+        new = new.expand(*keep.shape[:2], n - frame_n)
+    return torch.cat([keep, new], dim=-1)
 
 
 def span_keep_set(plan: SpanDrop, kv) -> torch.Tensor:

@@ -275,14 +275,17 @@ class Engine:
     def _schedule(self) -> list[tuple[Sequence, int]]:
         budget = self.config.max_batch_tokens
         batch: list[tuple[Sequence, int]] = []
+        for seq in self.running:
+            if seq.kv.free_slots == 0:
+                # Normally the compressor made room after the last step; a parked session continued under a
+                # smaller budget, or a late remote decision, can leave a full region: make room now.
+                self.compressor(self, seq)
         for seq in self.running:  # decode first: one token each keeps streams flowing
-            if not seq.in_prefill and budget > 0:
+            if not seq.in_prefill and budget > 0 and seq.kv.free_slots > 0:
                 batch.append((seq, 1))
                 budget -= 1
         for seq in self.running:
             if seq.in_prefill and budget > 0:
-                if seq.kv.free_slots == 0:
-                    self.compressor(self, seq)  # a parked session larger than its new budget: make room first
                 chunk = min(seq.pending, self.config.prefill_chunk, budget, seq.kv.free_slots)
                 if chunk > 0:
                     batch.append((seq, chunk))

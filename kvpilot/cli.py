@@ -124,6 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_arguments(p)
     p.set_defaults(func=evaluate.run)
 
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
+    from kvpilot.bench import pareto
+
+    p = bench.add_parser("pareto", help="accuracy vs KV budget for every policy (CSV + PNG + AUC)")
+    pareto.add_arguments(p)
+    p.set_defaults(func=pareto.run)
+
     p = sub.add_parser("policies", help="list the KV policies")
     p.set_defaults(func=cmd_policies)
 

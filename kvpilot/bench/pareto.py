@@ -1,0 +1,150 @@
+"""Accuracy vs KV budget for every policy on the bundled tasks (also `kvpilot bench pareto`).
+
+    python benchmarks/pareto.py [--tasks multihop variables graph] [--n 50] [--fracs 0.1 0.25 0.5 0.75]
+
+Budgets are fractions of each task's mean reference sequence length (what a full cache holds at the end of an
+episode). Every policy runs the same episodes through the real engine with greedy decoding; the full cache
+is the reference line. Writes benchmarks/results/pareto.csv, pareto.png (one panel per task) and
+pareto_auc.csv: the area under the accuracy-budget curve per policy and task, normalised to the fraction
+range (1.0 = full accuracy at every budget).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+from dataclasses import asdict
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from decoder_service.runtime import add_runtime_arguments, build_engine, runtime_options
+from kvpilot.evaluate import compression_for, episodes_for, evaluate, mean_reference_tokens
+from policy_service.registry import available_policies
+
+RESULTS = Path("benchmarks") / "results"
+DEFAULT_POLICIES = [p for p in available_policies() if p != "full"]
+
+
+def area_under_curve(fracs: list[float], accs: list[float]) -> float:
+    """Trapezoid area over the budget fractions, divided by their range."""
+    pairs = sorted(zip(fracs, accs))
+    area = sum((b[0] - a[0]) * (a[1] + b[1]) / 2 for a, b in zip(pairs, pairs[1:]))
+    return area / (pairs[-1][0] - pairs[0][0]) if len(pairs) > 1 else pairs[0][1]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_runtime_arguments(p)
+    p.add_argument("--tasks", nargs="+", default=["multihop", "variables", "graph"])
+    p.add_argument("--policies", nargs="+", default=DEFAULT_POLICIES)
+    p.add_argument("--fracs", type=float, nargs="+", default=[0.1, 0.25, 0.5, 0.75])
+    p.add_argument("--n", type=int, default=50, help="episodes per (task, policy, budget)")
+    p.add_argument("--difficulty", default="default")
+    p.add_argument("--interval", type=int, default=8)
+    p.add_argument("--window", type=int, default=8)
+    p.add_argument("--sinks", type=int, default=4)
+    p.add_argument("--out", type=Path, default=RESULTS)
+
+
+def run(args) -> int:
+    console = Console()
+    engine = build_engine(runtime_options(args))
+    rows = []
+    jobs = [(t, p, f) for t in args.tasks for p in args.policies for f in args.fracs]
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    with Progress(*columns, console=console) as progress:
+        overall = progress.add_task("all runs", total=len(jobs) + len(args.tasks))
+        for task in args.tasks:
+            episodes = episodes_for(task, args.n, args.difficulty)
+            mean_len = mean_reference_tokens(episodes, engine.tokenizer)
+            bar = progress.add_task(f"{task} full", total=len(episodes))
+            row, _ = evaluate(engine, task, episodes, compression_for("full", 0), 1.0,
+                              progress=lambda d: progress.update(bar, completed=d))
+            rows.append(row)
+            progress.remove_task(bar)
+            progress.advance(overall)
+            for policy in args.policies:
+                for frac in args.fracs:
+                    budget = max(round(frac * mean_len), args.sinks + args.window + 1)
+                    bar = progress.add_task(f"{task} {policy} {frac:.0%} ({budget} slots)", total=len(episodes))
+                    compression = compression_for(policy, budget, args.interval, args.window, args.sinks)
+                    row, _ = evaluate(engine, task, episodes, compression, frac,
+                                      progress=lambda d, b=bar: progress.update(b, completed=d))
+                    rows.append(row)
+                    progress.remove_task(bar)
+                    progress.advance(overall)
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_csv(args.out / "pareto.csv", [asdict(r) for r in rows])
+    aucs = auc_table(rows, args.fracs)
+    write_csv(args.out / "pareto_auc.csv", aucs)
+    plot(rows, args.out / "pareto.png")
+    show(console, rows, aucs, args.fracs)
+    console.print(f"wrote {args.out / 'pareto.csv'}, {args.out / 'pareto_auc.csv'}, {args.out / 'pareto.png'}")
+    return 0
+
+
+def auc_table(rows, fracs) -> list[dict]:
+    out = []
+    for task in dict.fromkeys(r.task for r in rows):
+        full = next(r.accuracy for r in rows if r.task == task and r.policy == "full")
+        for policy in dict.fromkeys(r.policy for r in rows if r.task == task and r.policy != "full"):
+            points = [(r.budget_frac, r.accuracy) for r in rows if r.task == task and r.policy == policy]
+            out.append(dict(task=task, policy=policy, auc=round(area_under_curve(*zip(*points)), 4), full_accuracy=full))
+    return out
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def show(console: Console, rows, aucs, fracs) -> None:
+    for task in dict.fromkeys(r.task for r in rows):
+        full = next(r for r in rows if r.task == task and r.policy == "full")
+        table = Table(title=f"{task}: accuracy by budget (full cache {full.accuracy:.0%}, "
+                            f"mean sequence {full.mean_trace_tokens:.0f} tokens)")
+        table.add_column("policy")
+        for f in fracs:
+            table.add_column(f"{f:.0%}", justify="right")
+        table.add_column("AUC", justify="right")
+        for a in sorted((a for a in aucs if a["task"] == task), key=lambda a: -a["auc"]):
+            accs = {r.budget_frac: r.accuracy for r in rows if r.task == task and r.policy == a["policy"]}
+            table.add_row(a["policy"], *[f"{accs[f]:.0%}" for f in fracs], f"{a['auc']:.3f}")
+        console.print(table)
+
+
+def plot(rows, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(dict.fromkeys(r.task for r in rows))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4.2), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        full = next(r for r in rows if r.task == task and r.policy == "full")
+        ax.axhline(full.accuracy, color="black", linestyle="--", label="full cache")
+        for policy in dict.fromkeys(r.policy for r in rows if r.task == task and r.policy != "full"):
+            pts = sorted((r.budget_frac, r.accuracy) for r in rows if r.task == task and r.policy == policy)
+            ax.plot(*zip(*pts), marker="o", label=policy)
+        ax.set_title(f"{task} (mean {full.mean_trace_tokens:.0f} tokens)")
+        ax.set_xlabel("KV budget / mean sequence length")
+        ax.set_ylabel("exact-match accuracy")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    raise SystemExit(run(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    main()
