@@ -11,7 +11,11 @@ For each shape: k, v [L, H, cap, D] and positions [L, H, cap] with n_valid = cap
     bw_fraction  copy_ms / raw_ms: 1.0 means compaction runs at copy bandwidth
     GBps         effective bandwidth of the compaction, (read + write) / raw_ms
 
-Usage:  python benchmarks/compaction_bench.py [--device cpu|cuda] [--repeats N] [--quick]
+Usage:  python benchmarks/compaction_bench.py [--device cpu|cuda] [--repeats N] [--quick] [--threads 1,2]
+
+On a shared CPU (load from other processes) torch's multi-threaded ops wait on descheduled OpenMP workers,
+and the many small ops of a compaction suffer far more than one big copy: the CSV records the 1-minute load
+average and the thread count with every row, and `--threads 1,2` measures both.
 Writes benchmarks/results/compaction_<device>.csv and prints a table.
 """
 from __future__ import annotations
@@ -119,6 +123,7 @@ def bench_shape(label, L, H, D, cap, keep_frac, per_head, dtype, device, repeats
         "GBps": round(2 * moved / (raw_ms * 1e-3) / 1e9, 2),
         # Other processes on a shared CPU slow torch's OpenMP regions a lot: keep the context with the figures.
         "load_avg_1m": round(os.getloadavg()[0], 2) if device.type == "cpu" else "",
+        "threads": torch.get_num_threads() if device.type == "cpu" else "",
     }
 
 
@@ -134,6 +139,8 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=None, help="timed runs per measurement (median)")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--quick", action="store_true", help="first two shapes only")
+    ap.add_argument("--threads", default=None,
+                    help="CPU: comma-separated torch thread counts to run, e.g. 1,2 (default: torch's own)")
     args = ap.parse_args(argv)
     if os.environ.get("KVPILOT_FORCE_TRITON") == "1" and args.device == "cpu":
         sys.exit("KVPILOT_FORCE_TRITON=1 would time the Triton interpreter; unset it for the CPU benchmark")
@@ -141,10 +148,14 @@ def main(argv=None):
     repeats = args.repeats or (50 if device.type == "cuda" else 15)
     dtype = getattr(torch, args.dtype)
 
-    rows = [bench_shape(*shape, dtype, device, repeats) for shape in (QUICK if args.quick else SHAPES)]
+    thread_counts = [int(t) for t in args.threads.split(",")] if args.threads else [torch.get_num_threads()]
+    rows = []
+    for threads in thread_counts:
+        torch.set_num_threads(threads)
+        rows += [bench_shape(*shape, dtype, device, repeats) for shape in (QUICK if args.quick else SHAPES)]
 
-    cols = ["model", "keep", "L", "H", "D", "cap", "n_keep", "MB_moved", "compact_ms", "raw_ms", "copy_ms", "bw_fraction", "GBps"]
-    print(f"compaction on {rows[0]['device']} ({rows[0]['impl']}, {args.dtype}), best of {repeats} interleaved runs")
+    cols = ["device", "model", "keep", "L", "H", "D", "cap", "n_keep", "MB_moved", "compact_ms", "raw_ms", "copy_ms", "bw_fraction", "GBps"]
+    print(f"compaction ({rows[0]['impl']}, {args.dtype}), best of {repeats} interleaved runs")
     widths = [max(len(c), *(len(str(r[c])) for r in rows)) for c in cols]
     print("  ".join(c.rjust(w) for c, w in zip(cols, widths)))
     for r in rows:

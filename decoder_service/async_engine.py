@@ -27,6 +27,8 @@ class AsyncEngine:
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._stopped = False
+        if hasattr(engine.compressor.policy, "on_result"):
+            engine.compressor.policy.on_result = self._wake.set  # a remote decision wakes a waiting engine
         self._thread = threading.Thread(target=self._run, name="kvpilot-engine", daemon=True)
         self._thread.start()
 
@@ -93,3 +95,6 @@ class AsyncEngine:
         self._stopped = True
         self._wake.set()
         self._thread.join(timeout=5)
+        close_policy = getattr(self.engine.compressor.policy, "close", None)
+        if close_policy is not None:
+            close_policy()

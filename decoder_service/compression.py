@@ -1,13 +1,18 @@
-"""Decode-time compression: when to compress, how a frame is turned into a decision, how a plan is applied.
+"""Decode-time compression: when to compress, how a frame becomes a decision, how a plan is applied.
 
 Cadence (DESIGN invariant 2): once a sequence holds >= budget slots it is compressed back to `budget` every
 `interval` new tokens (the cache oscillates between budget and budget + interval); while a long prompt is
 prefilled in chunks, it is compressed between chunks whenever the next chunk would not fit. Admission control
 reserved budget + interval + max_lag slots, so a sequence never holds more.
 
-The engine calls `Compressor` as a step hook. The policy behind it is in-process here (`LocalPolicy`); the
-remote policy service plugs in through the same `decide` interface. Any failure to get a usable plan falls
-back to the local fallback policy (default StreamingLLM) and is counted, traced and reported in the stream.
+Two kinds of policy sit behind the same interface:
+  in-process (`LocalPolicy`)  decides synchronously; the plan is applied in the same step;
+  remote (`RemotePolicy`)     `submit` sends the frame and returns at once; the sequence keeps decoding and
+                              the decision is applied when it arrives (invariant 5: slots appended since the
+                              snapshot are kept; a decision more than `max_lag` of the sequence's steps old,
+                              or for a superseded frame, is dropped and counted).
+Whenever no usable decision is there in time (service down, error, too late, invalid plan) the local fallback
+policy (default StreamingLLM) compresses instead, and that is counted, traced and reported (invariant 6).
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ import torch
 import kernels
 from decoder_service.requests import EvictionEvent
 from decoder_service.statistics import build_frame
+from kvpilot import telemetry
 from policy_service.frame import Decision, KeepSet, MergePlanSpec, Plan, SpanDrop, StatsFrame
 from policy_service.registry import make_scorer
 from policy_service.scorers.base import Scorer
@@ -30,11 +36,24 @@ log = logging.getLogger(__name__)
 class LocalPolicy:
     """The embedded policy: the request's scorer plans synchronously in the decoder process."""
 
-    def decide(self, frame: StatsFrame, scorer: Scorer) -> Decision:
+    asynchronous = False
+
+    def decide(self, frame: StatsFrame, scorer: Scorer, params: dict[str, str] | None = None) -> Decision:
         start = time.perf_counter()
         plan = scorer.plan(frame)
         return Decision(frame_id=frame.frame_id, plan=plan, policy=scorer.name, seed=frame.seed,
                         latency_s=time.perf_counter() - start)
+
+
+@dataclass
+class PendingFrame:
+    """A frame sent to a remote policy, waiting for its decision."""
+
+    frame: StatsFrame
+    key: object
+    span: object
+    sent_at: float
+    seq_step: int
 
 
 @dataclass
@@ -44,7 +63,8 @@ class CompressionState:
     frames: int = 0  # frames snapshotted (frame ids are 1, 2, ...)
     epoch: int = 0  # plans applied: a frame taken before the latest one is superseded
     frame_epoch: dict[int, int] = field(default_factory=dict)  # frame id -> epoch at snapshot
-    frame_step: dict[int, int] = field(default_factory=dict)  # frame id -> engine step at snapshot
+    frame_step: dict[int, int] = field(default_factory=dict)  # frame id -> the sequence's step at snapshot
+    pending: PendingFrame | None = None
 
 
 def frame_seed(request_seed: int, frame_id: int) -> int:
@@ -53,82 +73,169 @@ def frame_seed(request_seed: int, frame_id: int) -> int:
 
 
 class Compressor:
-    def __init__(self, policy=None, fallback: str = "streaming_llm"):
+    def __init__(self, policy=None, fallback: str = "streaming_llm", decision_timeout_s: float = 2.0, metrics=None):
         self.policy = policy or LocalPolicy()
         self.fallback = make_scorer(fallback)
+        self.decision_timeout_s = decision_timeout_s  # a stalled sequence waits at most this long
+        self.metrics = metrics
 
     def __call__(self, engine, seq) -> None:
         c = seq.request.compression
-        if not c.bounded or seq.kv is None or not self.due(engine, seq):
+        if not c.bounded or seq.kv is None:
             return
-        frame = self.snapshot(engine, seq)
+        state = seq.compression_state
+        if state.pending is not None:
+            self.resolve_pending(engine, seq)
+            if state.pending is not None:
+                return
+        if not self.due(engine, seq):
+            return
+        frame, span = self.snapshot(engine, seq)
+        if getattr(self.policy, "asynchronous", False):
+            key = self.policy.submit(frame, seq.scorer, c.policy, c.params, telemetry.inject(span))
+            if key is None:
+                self.apply_fallback(engine, seq, frame, span, reason="policy service unavailable")
+                return
+            state.pending = PendingFrame(frame, key, span, time.monotonic(), seq.steps)
+            return
         try:
-            decision = self.policy.decide(frame, seq.scorer)
-            self.apply(engine, seq, frame, decision)
-        except Exception as exc:  # never stall, never die (invariant 6): fall back and say so
+            decision = self.policy.decide(frame, seq.scorer, c.params)
+        except Exception as exc:  # never stall, never die (invariant 6)
             log.exception("policy %s failed on frame %d; applying the fallback", seq.scorer.name, frame.frame_id)
-            self.apply_fallback(engine, seq, frame, reason=f"{type(exc).__name__}: {exc}")
+            self.apply_fallback(engine, seq, frame, span, reason=f"{type(exc).__name__}: {exc}")
+            return
+        self.apply_or_fallback(engine, seq, frame, decision, span)
+
+    def blocked(self, seq) -> bool:
+        """A sequence waiting for its decision without room (or with max_lag 0) is not scheduled."""
+        pending = seq.compression_state.pending
+        return pending is not None and (seq.kv.free_slots == 0 or seq.request.compression.max_lag == 0)
 
     def due(self, engine, seq) -> bool:
         c, kv = seq.request.compression, seq.kv
+        if kv.free_slots == 0:
+            return True
         if seq.pending > 1:  # still prefilling: make room only when the next chunk would not fit
             return kv.n > c.budget and kv.free_slots < min(seq.pending, engine.config.prefill_chunk)
         return kv.n >= c.budget + c.interval
 
+    def resolve_pending(self, engine, seq) -> None:
+        """Apply an arrived decision; or, once it is too late, give up on it and fall back.
+
+        While the decision is out, the sequence keeps decoding into its reserved slack (max_lag slots); a
+        sequence out of room is simply not scheduled (others keep going) until the decision arrives or
+        `decision_timeout_s` passes."""
+        state = seq.compression_state
+        pending = state.pending
+        result = self.policy.poll(pending.key)
+        if result is None:
+            late = seq.steps - pending.seq_step > seq.request.compression.max_lag
+            timed_out = time.monotonic() - pending.sent_at >= self.decision_timeout_s
+            if not (late or timed_out):
+                return
+            self.policy.forget(pending.key)
+            state.pending = None
+            seq.usage.dropped_decisions += 1
+            self._count("dropped")
+            self.apply_fallback(engine, seq, pending.frame, pending.span,
+                                reason=f"no decision within {seq.request.compression.max_lag} steps"
+                                       f" / {self.decision_timeout_s:.1f} s")
+            return
+        state.pending = None
+        if self.metrics is not None:
+            self.metrics.round_trip.record(time.monotonic() - pending.sent_at, {"kvpilot.policy": seq.scorer.name})
+        if isinstance(result, Exception):
+            self.apply_fallback(engine, seq, pending.frame, pending.span, reason=f"policy service: {result}")
+            return
+        self.apply_or_fallback(engine, seq, pending.frame, result, pending.span)
+
     @torch.inference_mode()
-    def snapshot(self, engine, seq) -> StatsFrame:
+    def snapshot(self, engine, seq) -> tuple[StatsFrame, object]:
         c = seq.request.compression
         state = seq.compression_state
         state.frames += 1
         state.frame_epoch[state.frames] = state.epoch
-        state.frame_step[state.frames] = engine.steps
+        state.frame_step[state.frames] = seq.steps
         session = seq.session
         tool_segments = [(s.start, s.end, s.index) for s in session.segments if s.kind == "tool"] if session else []
-        return build_frame(
+        frame = build_frame(
             state.frames, session.id if session else seq.id, seq.kv, seq.stats, seq.scorer.spec(),
             seq.token_ids, tool_segments, keep=c.budget, sinks=c.sinks, window=c.window,
             num_heads=engine.model_config.num_heads, step=len(seq.generated),
             seed=frame_seed(seq.usage.seed, state.frames))
+        span = telemetry.start_compaction_span(seq.request.trace_parent, frame.frame_id, c.policy, frame.n)
+        return frame, span
+
+    def apply_or_fallback(self, engine, seq, frame: StatsFrame, decision: Decision, span) -> None:
+        if decision.note:  # the policy answered with an error
+            self.apply_fallback(engine, seq, frame, span, reason=decision.note)
+            return
+        try:
+            self.apply(engine, seq, frame, decision, span=span)
+        except Exception as exc:  # an invalid plan: fall back rather than fail the request
+            log.warning("plan for frame %d rejected: %s", frame.frame_id, exc)
+            self.apply_fallback(engine, seq, frame, span, reason=f"invalid plan: {exc}")
 
     @torch.inference_mode()
-    def apply(self, engine, seq, frame: StatsFrame, decision: Decision, fallback: bool = False, reason: str = "") -> bool:
-        """Apply a decision to the live cache (DESIGN invariant 5). Returns False when it was dropped as stale:
-        its frame was superseded by a later applied plan, or it is more than `max_lag` steps old. Slots
-        appended after the frame's snapshot are always kept."""
+    def apply(self, engine, seq, frame: StatsFrame, decision: Decision, fallback: bool = False, reason: str = "",
+              span=None) -> bool:
+        """Apply a decision to the live cache (invariant 5). Returns False when it was dropped as stale: its
+        frame was superseded by a later applied plan, or it is more than `max_lag` of the sequence's steps
+        old. Slots appended after the frame's snapshot are always kept."""
         kv, state = seq.kv, seq.compression_state
-        staleness = engine.steps - state.frame_step.pop(frame.frame_id, engine.steps)
+        staleness = seq.steps - state.frame_step.pop(frame.frame_id, seq.steps)
         superseded = state.frame_epoch.pop(frame.frame_id, state.epoch) != state.epoch
-        if superseded or staleness > seq.request.compression.max_lag:
+        if superseded or (staleness > seq.request.compression.max_lag and not fallback):
             seq.usage.dropped_decisions += 1
+            self._count("dropped")
+            if span is not None:
+                telemetry.end_compaction_span(span, slots_after=kv.n, evicted=0, merged=0, latency_s=decision.latency_s,
+                                              staleness=staleness, fallback=False, dropped=True,
+                                              reason="superseded" if superseded else "too late")
             return False
+        start = time.perf_counter()
         before = kv.n
         plan = decision.plan
+        merged = 0
         if plan is None:
             if kv.free_slots == 0:
                 raise RuntimeError(f"policy {decision.policy} kept everything but the sequence has no free slot")
-            return True
-        merged = 0
-        keep = self.keep_indices(plan, frame, kv)
-        if keep is not None and kv.n > frame.n:
-            keep = with_new_slots(keep, frame.n, kv.n)
-        if isinstance(plan, MergePlanSpec):
-            kv.n = kernels.merge_(kv.k, kv.v, kv.positions, kernels.MergePlan.from_groups(
-                plan.groups, plan.weights, plan.anchors), kv.n)
-            merged = sum(len(g) - 1 for g in plan.groups)
-            if seq.stats is not None:
-                seq.stats.merge(plan.groups, before)
         else:
-            kv.n = kernels.compact_(kv.k, kv.v, kv.positions, keep, kv.n)
-            if seq.stats is not None:
-                seq.stats.gather(keep, before)
+            keep = self.keep_indices(plan, frame, kv)
+            if keep is not None and kv.n > frame.n:
+                keep = with_new_slots(keep, frame.n, kv.n)
+            if isinstance(plan, MergePlanSpec):
+                if kv.n > frame.n:
+                    raise ValueError("merge plans must be applied to their own snapshot")
+                kv.n = kernels.merge_(kv.k, kv.v, kv.positions,
+                                      kernels.MergePlan.from_groups(plan.groups, plan.weights, plan.anchors), kv.n)
+                merged = sum(len(g) - 1 for g in plan.groups)
+                if seq.stats is not None:
+                    seq.stats.merge(plan.groups, before)
+            else:
+                kv.n = kernels.compact_(kv.k, kv.v, kv.positions, keep, kv.n)
+                if seq.stats is not None:
+                    seq.stats.gather(keep, before)
         state.epoch += 1
+        evicted = before - kv.n - merged
         u = seq.usage
         u.compression_events += 1
-        u.evicted_tokens += before - kv.n - merged
+        u.evicted_tokens += evicted
         u.merged_tokens += merged
         u.fallbacks += int(fallback)
+        elapsed = time.perf_counter() - start
+        if self.metrics is not None:
+            attrs = {"kvpilot.policy": decision.policy}
+            self.metrics.evicted.add(evicted, attrs)
+            self.metrics.compaction.record(elapsed, attrs)
+            if fallback:
+                self.metrics.fallbacks.add(1, attrs)
+        if span is not None:
+            telemetry.end_compaction_span(span, slots_after=kv.n, evicted=evicted, merged=merged,
+                                          latency_s=decision.latency_s, staleness=staleness, fallback=fallback,
+                                          reason=reason)
         seq.emit(EvictionEvent(step=len(seq.generated), frame_id=frame.frame_id, policy=decision.policy,
-                               slots_before=before, slots_after=kv.n, evicted=before - kv.n - merged, merged=merged,
+                               slots_before=before, slots_after=kv.n, evicted=evicted, merged=merged,
                                policy_latency_s=decision.latency_s, staleness_steps=staleness, fallback=fallback,
                                reason=reason))
         return True
@@ -140,7 +247,7 @@ class Compressor:
                 raise ValueError(f"merge plan keeps {plan.count} slots, budget is {frame.keep}")
             return None
         if isinstance(plan, SpanDrop):
-            return span_keep_set(plan, kv)
+            return span_keep_set(plan, kv, frame.n)
         if not isinstance(plan, KeepSet):
             raise TypeError(f"unknown plan {type(plan).__name__}")
         keep = plan.indices.to(kv.k.device, torch.long)
@@ -148,11 +255,26 @@ class Compressor:
             raise ValueError(f"per-head keep set shape {tuple(keep.shape)} does not match the cache {tuple(kv.k.shape[:2])}")
         if keep.shape[-1] > frame.keep:
             raise ValueError(f"keep set holds {keep.shape[-1]} slots, budget is {frame.keep}")
+        if keep.numel() and (int(keep.min()) < 0 or int(keep.max()) >= frame.n):
+            raise ValueError(f"keep set names slots outside the frame's {frame.n}")
         return keep
 
-    def apply_fallback(self, engine, seq, frame: StatsFrame, reason: str) -> None:
-        decision = LocalPolicy().decide(frame, self.fallback)
-        self.apply(engine, seq, frame, decision, fallback=True, reason=reason)
+    def apply_fallback(self, engine, seq, frame: StatsFrame, span, reason: str) -> None:
+        """Compress with the local fallback policy on a fresh view of the cache (the frame may be stale)."""
+        state = seq.compression_state
+        state.frame_step.pop(frame.frame_id, None)
+        state.frame_epoch.pop(frame.frame_id, None)
+        c = seq.request.compression
+        fresh = StatsFrame(frame_id=frame.frame_id, session_id=frame.session_id, n=seq.kv.n, keep=c.budget,
+                           sinks=c.sinks, window=c.window, num_layers=frame.num_layers,
+                           num_kv_heads=frame.num_kv_heads, num_heads=frame.num_heads, step=len(seq.generated),
+                           seed=frame.seed)
+        decision = LocalPolicy().decide(fresh, self.fallback)
+        self.apply(engine, seq, fresh, decision, fallback=True, reason=reason, span=span)
+
+    def _count(self, what: str) -> None:
+        if self.metrics is not None and what == "dropped":
+            self.metrics.dropped.add(1)
 
 
 def with_new_slots(keep: torch.Tensor, frame_n: int, n: int) -> torch.Tensor:
@@ -163,14 +285,13 @@ def with_new_slots(keep: torch.Tensor, frame_n: int, n: int) -> torch.Tensor:
     return torch.cat([keep, new], dim=-1)
 
 
-def span_keep_set(plan: SpanDrop, kv) -> torch.Tensor:
-    """Slots whose positions fall outside the dropped spans, per (layer, head); counts must agree."""
-    positions = kv.positions[:, :, :kv.n]
+def span_keep_set(plan: SpanDrop, kv, frame_n: int) -> torch.Tensor:
+    """Slots of the snapshot whose positions fall outside the dropped spans, per (layer, head)."""
+    positions = kv.positions[:, :, :frame_n]
     drop = torch.zeros_like(positions, dtype=torch.bool)
     for start, end in plan.spans:
         drop |= (positions >= start) & (positions < end)
     counts = (~drop).sum(-1)
     if not bool((counts == counts.flatten()[0]).all()):
         raise ValueError("span drop would leave different slot counts per head (cache was compressed per head)")
-    keep = (~drop).nonzero()[:, 2].view(*positions.shape[:2], int(counts.flatten()[0]))
-    return keep
+    return (~drop).nonzero()[:, 2].view(*positions.shape[:2], int(counts.flatten()[0]))

@@ -42,6 +42,7 @@ from decoder_service.requests import (
 from decoder_service.sampling import sample_token
 from decoder_service.sessions import InMemorySessionStore, Session
 from decoder_service.statistics import SequenceStatistics
+from kvpilot.telemetry import DecoderMetrics
 from policy_service.registry import available_policies, make_scorer
 from policy_service.scorers.base import ParameterError, Scorer
 
@@ -81,6 +82,7 @@ class Sequence:
     finish_reason: FinishReason | None = None
     matched_stop: str | int | None = None
     reserved_slots: int = 0
+    steps: int = 0  # engine steps this sequence took part in (staleness is counted in these)
 
     @property
     def id(self) -> str:
@@ -114,7 +116,8 @@ class Engine:
         self.running: list[Sequence] = []
         self.resident: OrderedDict[str, tuple[SequenceKV, SequenceStatistics | None, int]] = OrderedDict()
         self.busy_sessions: set[str] = set()
-        self.compressor = Compressor()
+        self.metrics = DecoderMetrics(self.pool)
+        self.compressor = Compressor(metrics=self.metrics)
         self.step_hooks: list[StepHook] = [self.compressor]
         self.steps = 0
 
@@ -276,15 +279,16 @@ class Engine:
         budget = self.config.max_batch_tokens
         batch: list[tuple[Sequence, int]] = []
         for seq in self.running:
-            if seq.kv.free_slots == 0:
-                # Normally the compressor made room after the last step; a parked session continued under a
-                # smaller budget, or a late remote decision, can leave a full region: make room now.
+            if seq.compression_state.pending is not None or seq.kv.free_slots == 0:
+                # Pick up a remote decision that arrived, or make room for a sequence that has none left
+                # (a parked session continued under a smaller budget, a late decision).
                 self.compressor(self, seq)
-        for seq in self.running:  # decode first: one token each keeps streams flowing
+        ready = [seq for seq in self.running if not self.compressor.blocked(seq)]
+        for seq in ready:  # decode first: one token each keeps streams flowing
             if not seq.in_prefill and budget > 0 and seq.kv.free_slots > 0:
                 batch.append((seq, 1))
                 budget -= 1
-        for seq in self.running:
+        for seq in ready:
             if seq.in_prefill and budget > 0:
                 chunk = min(seq.pending, self.config.prefill_chunk, budget, seq.kv.free_slots)
                 if chunk > 0:
@@ -318,8 +322,10 @@ class Engine:
         for (seq, n), seg in zip(batch, segments):
             seq.kv.commit(pos[0, seg.start:seg.start + n])
             seq.num_computed += n
+            seq.steps += 1
         for row, seq in enumerate(samplers):
             self._append_token(seq, sample_token(logits[row], seq.request.sampling, seq.generator))
+        self.metrics.decode_tokens.add(len(samplers))
         self.steps += 1
         for seq, _ in batch:
             seq.usage.peak_kv_slots = max(seq.usage.peak_kv_slots, seq.kv.n)  # before compression: the true peak
@@ -423,8 +429,10 @@ class Engine:
     # ---- convenience for tests, benchmarks and the eval harness ------------------------------------
     def run_until_done(self) -> None:
         while self.has_work():
-            if not self.step() and self.waiting and not self.running:
-                raise RuntimeError("requests are waiting but none can be admitted")
+            if not self.step():
+                if self.waiting and not self.running:
+                    raise RuntimeError("requests are waiting but none can be admitted")
+                time.sleep(0.001)  # sequences are waiting for remote decisions
 
     def generate(self, requests: list[GenerationRequest]) -> list[FinishEvent]:
         """Run requests to completion in one batch; returns their final events in order."""

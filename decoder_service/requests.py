@@ -58,7 +58,7 @@ class CompressionConfig:
     interval: int = 16  # compress every `interval` new tokens once the sequence holds >= budget slots
     window: int = 16  # most recent tokens always kept
     sinks: int = 4  # first tokens always kept
-    max_lag: int = 2  # decode steps a remote decision may be late before it is dropped (DESIGN invariant 5)
+    max_lag: int = 4  # decode steps a remote decision may be late before it is dropped (DESIGN invariant 5)
     params: dict[str, str] = field(default_factory=dict)  # policy-specific, parsed by the policy
 
     @property
@@ -86,6 +86,7 @@ class GenerationRequest:
     create_session: bool = False
     input_kind: SegmentKind = SegmentKind.USER
     add_bos: bool = True  # only for the first turn of a sequence
+    trace_parent: object = field(default=None, compare=False, repr=False)  # the `generate` span, if traced
 
 
 class FinishReason(str, Enum):

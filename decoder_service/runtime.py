@@ -8,6 +8,7 @@ import torch
 from decoder_service.checkpoint import DTYPES, load_checkpoint
 from decoder_service.engine import Engine, EngineConfig
 from kvpilot.models import default_model_path
+from policy_service.registry import make_scorer
 
 
 @dataclass
@@ -20,6 +21,10 @@ class RuntimeOptions:
     prefill_chunk: int = 256
     max_running: int = 32
     threads: int | None = None
+    policy_url: str | None = None  # remote policy service (host:port); None = in-process
+    policy_streams: int = 1
+    fallback_policy: str = "streaming_llm"
+    decision_timeout_s: float = 2.0
 
 
 def build_engine(opts: RuntimeOptions) -> Engine:
@@ -30,7 +35,14 @@ def build_engine(opts: RuntimeOptions) -> Engine:
     loaded = load_checkpoint(path, device=opts.device, dtype=dtype)
     config = EngineConfig(max_batch_tokens=opts.max_batch_tokens, prefill_chunk=opts.prefill_chunk,
                           max_running=opts.max_running, kv_pool_bytes=opts.kv_pool_mb << 20)
-    return Engine(loaded, config)
+    engine = Engine(loaded, config)
+    engine.compressor.fallback = make_scorer(opts.fallback_policy)
+    engine.compressor.decision_timeout_s = opts.decision_timeout_s
+    if opts.policy_url:
+        from decoder_service.remote_policy import RemotePolicy
+
+        engine.compressor.policy = RemotePolicy(opts.policy_url, streams=opts.policy_streams)
+    return engine
 
 
 def add_runtime_arguments(parser) -> None:
@@ -42,9 +54,18 @@ def add_runtime_arguments(parser) -> None:
     parser.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens one sequence prefills per step")
     parser.add_argument("--max-running", type=int, default=32, help="sequences decoding at once")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.add_argument("--policy-url", help="remote policy service host:port (default: the in-process policy)")
+    parser.add_argument("--policy-streams", type=int, default=1,
+                        help="parallel Decide streams to the policy service (spreads sessions over replicas)")
+    parser.add_argument("--fallback-policy", default="streaming_llm", help="local policy when no decision arrives")
+    parser.add_argument("--decision-timeout", type=float, default=2.0,
+                        help="seconds a sequence out of room waits for a remote decision before falling back")
 
 
 def runtime_options(args) -> RuntimeOptions:
     return RuntimeOptions(model=args.model, device=args.device, dtype=args.dtype, kv_pool_mb=args.kv_pool_mb,
                           max_batch_tokens=args.max_batch_tokens, prefill_chunk=args.prefill_chunk,
-                          max_running=args.max_running, threads=args.threads)
+                          max_running=args.max_running, threads=args.threads,
+                          policy_url=getattr(args, "policy_url", None), policy_streams=getattr(args, "policy_streams", 1),
+                          fallback_policy=getattr(args, "fallback_policy", "streaming_llm"),
+                          decision_timeout_s=getattr(args, "decision_timeout", 2.0))

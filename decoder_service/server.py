@@ -28,6 +28,7 @@ from decoder_service.requests import (
     SegmentKind,
     TokenEvent,
 )
+from kvpilot import telemetry
 from kvpilot.v1 import decoder_pb2 as pb
 from policy_service.registry import available_policies
 
@@ -69,26 +70,35 @@ class DecoderServicer:
     def __init__(self, engine: AsyncEngine):
         self.engine = engine
         self.tokenizer = engine.engine.tokenizer
+        self.model_name = engine.engine.loaded.name
 
     async def Generate(self, request, context):
         if isinstance(request, UndecodableRequest):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request could not be parsed: {request.error} "
                                 "(text must be valid UTF-8)")
+        span = None
+        final = None
         try:
             gen = self.to_engine_request(request)
+            span = gen.trace_parent = telemetry.start_generate_span(self.model_name, gen)
             stream = self.engine.generate(gen)
             first = await anext(stream)  # request errors surface here, before anything is streamed
         except RequestError as exc:
+            if span is not None:
+                telemetry.end_generate_span(span, error=exc)
             await context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
         try:
             event = first
             while True:
-                yield to_response(gen.request_id, event)
                 if isinstance(event, FinishEvent):
+                    final = event
+                yield to_response(gen.request_id, event)
+                if final is not None:
                     return
                 event = await anext(stream)
         finally:
             await stream.aclose()  # aborts the request in the engine if it has not finished
+            telemetry.end_generate_span(span, final, None if final else RuntimeError("stream cancelled"))
 
     def to_engine_request(self, request: pb.GenerateRequest) -> GenerationRequest:
         which = request.WhichOneof("input")

@@ -100,6 +100,8 @@ def check_plan(plan, n_valid: int, device: torch.device, validate: bool = True) 
                                               ("group_offsets", "sources", "weights", "anchors"))
     except AttributeError as e:
         raise ValueError(f"merge plan needs group_offsets, sources, weights and anchors: {e}") from None
+    # torch.as_tensor([]) is float32: empty index lists are still index lists.
+    sources, anchors = (t.to(torch.int64) if t.numel() == 0 else t for t in (sources, anchors))
     for name, t in (("group_offsets", offsets), ("sources", sources), ("anchors", anchors)):
         if t.dim() != 1 or t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
             raise ValueError(f"{name} must be a 1-D integer tensor, got {t.dtype} {tuple(t.shape)}")
@@ -170,7 +172,7 @@ def _merge_kernel(
         offs_n = start + tl.arange(0, BLOCK_N)
         n_mask = offs_n < n_out
         g_lo = tl.load(offsets_ptr + offs_n, mask=n_mask, other=0)
-        g_len = tl.load(offsets_ptr + offs_n + 1, mask=n_mask, other=0) - g_lo
+        g_len = (tl.load(offsets_ptr + offs_n + 1, mask=n_mask, other=0) - g_lo).to(tl.int32)
         anchor = tl.load(anchors_ptr + offs_n, mask=n_mask, other=0)
 
         mask = n_mask[:, None] & d_mask[None, :]

@@ -11,7 +11,9 @@ from decoder_service.runtime import add_runtime_arguments, build_engine, runtime
 
 def cmd_serve(args) -> int:
     from decoder_service.server import DecoderServer
+    from kvpilot.telemetry import setup_telemetry
 
+    setup_telemetry("kvpilot-decoder")
     engine = build_engine(runtime_options(args))
 
     async def main() -> None:
@@ -130,6 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = bench.add_parser("pareto", help="accuracy vs KV budget for every policy (CSV + PNG + AUC)")
     pareto.add_arguments(p)
     p.set_defaults(func=pareto.run)
+
+    p = sub.add_parser("policy", help="the policy service")
+    from policy_service.cli import add_arguments as add_policy_arguments
+
+    add_policy_arguments(p)
 
     p = sub.add_parser("policies", help="list the KV policies")
     p.set_defaults(func=cmd_policies)

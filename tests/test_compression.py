@@ -70,7 +70,7 @@ def test_evicted_slots_are_really_free(make_engine):
     engine.generate([request("snapkv")])
     for n, used_bytes, reserved in used:
         assert used_bytes == n * engine.pool.slot_bytes  # bytes in use = valid slots x bytes per slot
-        assert reserved == (48 + 8 + 2) * engine.pool.slot_bytes
+        assert reserved == (48 + 8 + 4) * engine.pool.slot_bytes
     assert engine.pool.used_bytes == 0 and engine.pool.reserved_bytes == 0
 
 
@@ -125,10 +125,10 @@ def test_stale_and_superseded_decisions(make_engine):
         engine.step()
     seq = seqs[0]
     comp = engine.compressor
-    first = comp.snapshot(engine, seq)
+    first, _ = comp.snapshot(engine, seq)
     assert comp.apply(engine, seq, first, LocalPolicy().decide(first, seq.scorer)) and seq.kv.n == 40
     # A frame, then two more decode steps before its decision arrives (staleness 2 <= max_lag 3).
-    frame = comp.snapshot(engine, seq)
+    frame, _ = comp.snapshot(engine, seq)
     decision = LocalPolicy().decide(frame, seq.scorer)
     engine.step()
     engine.step()
@@ -137,12 +137,12 @@ def test_stale_and_superseded_decisions(make_engine):
     assert seq.kv.n == 40 + 2  # the plan's 40 plus the 2 slots appended after the snapshot
     assert seq.kv.positions[0, 0, seq.kv.n - 2:seq.kv.n].tolist() == newest
     # The next frame is superseded once another plan lands first.
-    old = comp.snapshot(engine, seq)
-    newer = comp.snapshot(engine, seq)
+    old, _ = comp.snapshot(engine, seq)
+    newer, _ = comp.snapshot(engine, seq)
     assert comp.apply(engine, seq, newer, LocalPolicy().decide(newer, seq.scorer))
     assert not comp.apply(engine, seq, old, LocalPolicy().decide(old, seq.scorer))
     # Too late: more than max_lag steps after the snapshot.
-    late = comp.snapshot(engine, seq)
+    late, _ = comp.snapshot(engine, seq)
     for _ in range(4):
         engine.step()
     assert not comp.apply(engine, seq, late, LocalPolicy().decide(late, seq.scorer))
@@ -186,7 +186,9 @@ def test_policy_failure_falls_back_and_is_reported(make_engine):
     engine = make_engine(prefill_chunk=64)
 
     class Broken:
-        def decide(self, frame, scorer):
+        asynchronous = False
+
+        def decide(self, frame, scorer, params=None):
             raise RuntimeError("scorer exploded")
 
     engine.compressor.policy = Broken()
@@ -219,6 +221,6 @@ def test_session_turns_stay_compressed(make_engine):
     follow.request_id, follow.session_id = "r2", first.session_id
     [second] = engine.generate([follow])
     assert second.usage.cached_tokens > 0
-    assert second.usage.peak_kv_slots <= 48 + 8 + 2
+    assert second.usage.peak_kv_slots <= 48 + 8 + 4
     session, resident = engine.get_session(first.session_id)
-    assert resident <= 48 + 8 + 2 and len(session.token_ids) == 161 + 20 + 60 + 20
+    assert resident <= 48 + 8 + 4 and len(session.token_ids) == 161 + 20 + 60 + 20

@@ -191,6 +191,16 @@ def test_compact_rejects_bad_keep_sets(impl):
         impl(k, v, p.int(), torch.tensor([0]), n_valid)
 
 
+def test_compact_accepts_python_lists():
+    """Plans decoded from the wire may come as lists; an empty list is an empty keep set, not a float tensor."""
+    k, v, p = make_kv(1, 2, 8, 8, torch.float32)
+    k0, v0, p0 = k.clone(), v.clone(), p.clone()
+    assert kernels.compact_(k, v, p, [], 8) == 0
+    assert kernels.compact_(k, v, p, [1, 5, 6], 8) == 3
+    check_compaction(k0, v0, p0, torch.tensor([1, 5, 6]), k, v, p)
+    assert kernels.merge_(k, v, p, MergePlan.from_groups([]), 3) == 0
+
+
 def test_unsorted_keep_raises_through_public_entry():
     k, v, p = make_kv(1, 1, 8, 8, torch.float32)
     with pytest.raises(ValueError, match="ascending"):

@@ -1,0 +1,155 @@
+"""Client of the policy service, used by the decoder's Compressor from the engine thread.
+
+`submit` queues a frame and returns at once; decisions stream back on a long-lived `Policy.Decide` stream
+and are picked up by `poll` in a later engine step. The gRPC side runs on its own event loop thread.
+A pool of streams (frames hashed by session) lets a load balancer that routes per stream (Ray Serve's proxy)
+spread sessions over replicas. When the service is down, `submit` answers None and in-flight frames fail at
+once, so the decoder falls back without waiting; the client reconnects with exponential backoff and resumes
+when the service is back.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+import zlib
+from typing import Callable
+
+import grpc
+
+from kvpilot.v1 import policy_pb2 as pb
+from kvpilot.v1 import policy_pb2_grpc
+from policy_service.frame import Decision, StatsFrame
+from policy_service.wire import decision_from_pb, frame_to_pb
+
+log = logging.getLogger(__name__)
+
+
+class PolicyUnavailable(ConnectionError):
+    pass
+
+
+class RemotePolicy:
+    asynchronous = True
+
+    def __init__(self, url: str, streams: int = 1, backoff_s: tuple[float, float] = (0.05, 2.0),
+                 connect_timeout_s: float = 2.0):
+        self.url = url
+        self.backoff_s = backoff_s
+        self.connect_timeout_s = connect_timeout_s
+        self.on_result: Callable[[], None] | None = None  # wakes the engine loop when a decision lands
+        self._lock = threading.Lock()
+        self._results: dict[tuple[str, int], Decision | Exception] = {}
+        self._in_flight: dict[tuple[str, int], int] = {}  # key -> stream index
+        self._connected = [False] * streams
+        self._queues: list[asyncio.Queue | None] = [None] * streams
+        self.reconnects = 0
+        self.sent = 0
+        self.received = 0
+        self._closing = False
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="kvpilot-policy-client", daemon=True)
+        self._thread.start()
+        self._tasks = [asyncio.run_coroutine_threadsafe(self._stream(i), self._loop) for i in range(streams)]
+
+    # ---- engine-thread side -------------------------------------------------------------------------
+    @property
+    def available(self) -> bool:
+        return any(self._connected)
+
+    def wait_until_available(self, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while not self.available and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return self.available
+
+    def submit(self, frame: StatsFrame, scorer, policy: str, params: dict[str, str], trace_context: dict) -> object:
+        """Queue a frame; returns a key for `poll`, or None when the service is unreachable right now."""
+        index = zlib.crc32(frame.session_id.encode()) % len(self._connected)
+        if not self._connected[index]:
+            up = [i for i, ok in enumerate(self._connected) if ok]
+            if not up:
+                return None
+            index = up[index % len(up)]
+        message = frame_to_pb(frame, policy, dict(params))
+        message.trace_context.update(trace_context)
+        key = (frame.session_id, frame.frame_id)
+        with self._lock:
+            self._in_flight[key] = index
+        queue = self._queues[index]
+        self._loop.call_soon_threadsafe(queue.put_nowait, message)
+        self.sent += 1
+        return key
+
+    def poll(self, key) -> Decision | Exception | None:
+        with self._lock:
+            return self._results.pop(key, None)
+
+    def forget(self, key) -> None:
+        """The decoder gave up on this frame: drop its decision if it still arrives."""
+        with self._lock:
+            self._in_flight.pop(key, None)
+            self._results.pop(key, None)
+
+    def close(self) -> None:
+        self._closing = True
+        for task in self._tasks:
+            task.cancel()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)
+
+    # ---- event-loop side ----------------------------------------------------------------------------
+    async def _stream(self, index: int) -> None:
+        delay = self.backoff_s[0]
+        while not self._closing:
+            channel = grpc.aio.insecure_channel(self.url, options=[("grpc.max_receive_message_length", 256 << 20),
+                                                                     ("grpc.max_send_message_length", 256 << 20)])
+            try:
+                await asyncio.wait_for(channel.channel_ready(), timeout=self.connect_timeout_s)
+                queue: asyncio.Queue = asyncio.Queue()
+                self._queues[index] = queue
+                call = policy_pb2_grpc.PolicyStub(channel).Decide(self._frames(queue))
+                self._connected[index] = True
+                delay = self.backoff_s[0]
+                log.info("policy stream %d connected to %s", index, self.url)
+                async for decision in call:
+                    self._deliver(decision)
+                raise PolicyUnavailable("policy service closed the stream")
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if self._connected[index]:
+                    log.warning("policy stream %d to %s lost: %s", index, self.url, exc)
+                self._connected[index] = False
+                self._fail_in_flight(index, PolicyUnavailable(f"policy service at {self.url} unavailable: "
+                                                              f"{getattr(exc, 'code', lambda: exc)()}"))
+                self.reconnects += 1
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.backoff_s[1])
+            finally:
+                self._connected[index] = False
+                await channel.close(grace=None)
+
+    @staticmethod
+    async def _frames(queue: asyncio.Queue):
+        while True:
+            yield await queue.get()
+
+    def _deliver(self, message: pb.Decision) -> None:
+        key = (message.session_id, message.frame_id)
+        with self._lock:
+            if self._in_flight.pop(key, None) is None:
+                return  # given up on, or a duplicate
+            self._results[key] = decision_from_pb(message)
+        self.received += 1
+        if self.on_result is not None:
+            self.on_result()
+
+    def _fail_in_flight(self, index: int, error: Exception) -> None:
+        with self._lock:
+            for key in [k for k, i in self._in_flight.items() if i == index]:
+                del self._in_flight[key]
+                self._results[key] = error
+        if self.on_result is not None:
+            self.on_result()

@@ -1,0 +1,164 @@
+"""OpenTelemetry for both services: spans `generate`, `compaction`, `decide`, and the decoder's metrics.
+
+Providers come from the standard OTEL_* environment (`setup_telemetry` installs OTLP exporters when
+OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or OTEL_TRACES_EXPORTER=otlp is set);
+otherwise the API's no-op providers make every call here free. Tests install SDK providers with in-memory
+exporters. The compaction span's context travels inside each StatsFrame (W3C traceparent), so the policy's
+`decide` span is its child across the gRPC hop even on a long-lived stream that carries many requests.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+from opentelemetry import context as otel_context
+from opentelemetry import metrics, trace
+from opentelemetry.trace import Status, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+TRACER_NAME = "kvpilot"
+_propagator = TraceContextTextMapPropagator()
+
+
+def setup_telemetry(service_name: str) -> bool:
+    """Install OTLP trace and metric exporters if the environment asks for them. Returns whether it did."""
+    wanted = any(os.environ.get(v) for v in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")) \
+        or os.environ.get("OTEL_TRACES_EXPORTER") == "otlp"
+    if not wanted:
+        return False
+    from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", service_name)})
+    tracer_provider = TracerProvider(resource=resource)
+    tracer_provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    trace.set_tracer_provider(tracer_provider)
+    metrics.set_meter_provider(MeterProvider(resource=resource,
+                                             metric_readers=[PeriodicExportingMetricReader(OTLPMetricExporter())]))
+    return True
+
+
+def tracer() -> trace.Tracer:
+    return trace.get_tracer(TRACER_NAME)
+
+
+# ---- context propagation ------------------------------------------------------------------------------
+def inject(span: trace.Span | None) -> dict[str, str]:
+    carrier: dict[str, str] = {}
+    if span is not None:
+        _propagator.inject(carrier, context=trace.set_span_in_context(span))
+    return carrier
+
+
+def extract(carrier) -> otel_context.Context | None:
+    carrier = dict(carrier or {})
+    return _propagator.extract(carrier) if carrier else None
+
+
+def extract_context(metadata) -> otel_context.Context | None:
+    """A parent context from gRPC invocation metadata (unary calls)."""
+    return extract({k: v for k, v in (metadata or ()) if k in ("traceparent", "tracestate")})
+
+
+# ---- decoder spans -----------------------------------------------------------------------------------
+def start_generate_span(model: str, request) -> trace.Span:
+    c = request.compression
+    attributes = {
+        "gen_ai.operation.name": "text_completion",
+        "gen_ai.request.model": model,
+        "gen_ai.request.max_tokens": request.sampling.max_new_tokens,
+        "gen_ai.request.temperature": request.sampling.temperature,
+        "kvpilot.policy": c.policy,
+        "kvpilot.budget": c.budget,
+        "kvpilot.interval": c.interval,
+    }
+    if request.session_id:
+        attributes["gen_ai.conversation.id"] = request.session_id
+    return tracer().start_span("generate", kind=trace.SpanKind.SERVER, attributes=attributes)
+
+
+def end_generate_span(span: trace.Span, final=None, error: Exception | None = None) -> None:
+    if final is not None:
+        u = final.usage
+        span.set_attributes({
+            "gen_ai.usage.input_tokens": u.prompt_tokens,
+            "gen_ai.usage.output_tokens": u.generated_tokens,
+            "gen_ai.response.finish_reasons": [final.finish_reason.value],
+            "kvpilot.kv.peak_slots": u.peak_kv_slots,
+            "kvpilot.kv.peak_bytes": u.peak_kv_bytes,
+            "kvpilot.evicted_tokens": u.evicted_tokens,
+            "kvpilot.compression_events": u.compression_events,
+            "kvpilot.fallbacks": u.fallbacks,
+            "kvpilot.seed": u.seed,
+        })
+    if error is not None:
+        span.set_status(Status(StatusCode.ERROR, str(error)))
+    span.end()
+
+
+def start_compaction_span(parent: trace.Span | None, frame_id: int, policy: str, slots: int) -> trace.Span:
+    ctx = trace.set_span_in_context(parent) if parent is not None else None
+    return tracer().start_span("compaction", context=ctx, attributes={
+        "kvpilot.frame_id": frame_id, "kvpilot.policy": policy, "kvpilot.slots_before": slots})
+
+
+def end_compaction_span(span: trace.Span, *, slots_after: int, evicted: int, merged: int, latency_s: float,
+                        staleness: int, fallback: bool, dropped: bool = False, reason: str = "") -> None:
+    span.set_attributes({
+        "kvpilot.slots_after": slots_after, "kvpilot.evicted": evicted, "kvpilot.merged": merged,
+        "kvpilot.policy_latency_ms": latency_s * 1e3, "kvpilot.staleness_steps": staleness,
+        "kvpilot.fallback": fallback, "kvpilot.decision_dropped": dropped,
+    })
+    if reason:
+        span.set_attribute("kvpilot.reason", reason)
+    span.end()
+
+
+# ---- policy spans ------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def decide_span(frame, replica: str, fallback_parent=None):
+    """The policy's `decide` span, child of the decoder's compaction span carried in the frame."""
+    parent = extract(frame.trace_context) or fallback_parent
+    with tracer().start_as_current_span("decide", context=parent, kind=trace.SpanKind.SERVER, attributes={
+        "kvpilot.policy": frame.policy, "kvpilot.frame_id": frame.frame_id, "kvpilot.session_id": frame.session_id,
+        "kvpilot.slots": frame.n, "kvpilot.keep": frame.keep, "kvpilot.seed": frame.seed, "kvpilot.replica": replica,
+    }) as span:
+        yield span
+
+
+def annotate_decision(span: trace.Span, decision, kept: int, n: int) -> None:
+    span.set_attributes({"kvpilot.kept": kept, "kvpilot.evicted": max(0, n - kept),
+                         "kvpilot.policy_latency_ms": decision.latency_s * 1e3})
+
+
+def record_decide_error(span: trace.Span, exc: Exception) -> None:
+    span.record_exception(exc)
+    span.set_status(Status(StatusCode.ERROR, str(exc)))
+
+
+# ---- decoder metrics ---------------------------------------------------------------------------------
+class DecoderMetrics:
+    """The instruments of DESIGN.md's Observability section (names match deploy/grafana's dashboard)."""
+
+    def __init__(self, pool=None):
+        meter = metrics.get_meter(TRACER_NAME)
+        self.evicted = meter.create_counter("kvpilot.evicted_tokens", unit="1", description="tokens evicted")
+        self.compaction = meter.create_histogram("kvpilot.compaction.duration", unit="s",
+                                                 description="time to apply a plan (kernel + bookkeeping)")
+        self.round_trip = meter.create_histogram("kvpilot.policy.round_trip", unit="s",
+                                                 description="frame sent -> decision received")
+        self.decode_tokens = meter.create_counter("kvpilot.decode.tokens", unit="1", description="tokens generated")
+        self.fallbacks = meter.create_counter("kvpilot.policy.fallbacks", unit="1",
+                                              description="compressions done by the local fallback policy")
+        self.dropped = meter.create_counter("kvpilot.policy.decisions_dropped", unit="1",
+                                            description="decisions too late or superseded")
+        if pool is not None:
+            meter.create_observable_gauge(
+                "kvpilot.kv.memory.usage", unit="By", description="KV bytes held by valid slots",
+                callbacks=[lambda options: [metrics.Observation(pool.used_bytes, {"kvpilot.kind": "used"}),
+                                            metrics.Observation(pool.reserved_bytes, {"kvpilot.kind": "reserved"})]])

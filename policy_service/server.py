@@ -1,0 +1,188 @@
+"""The policy service: scores statistics frames and answers with plans (plain grpc.aio; Ray Serve in ray_app.py).
+
+Stateless by design: a frame names its policy, parameters and seed, so any replica can decide it. Per-session
+bookkeeping (the decision log, counters) goes to a PolicyStateStore (Redis when distributed); a store
+failure is logged and counted but never blocks a decision. Scoring runs in a worker thread so the event loop
+keeps reading frames while torch works.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from kvpilot.v1 import policy_pb2 as pb
+from kvpilot.v1 import policy_pb2_grpc
+from kvpilot import telemetry
+from policy_service.frame import Decision, KeepSet
+from policy_service.registry import POLICIES, make_scorer, policy_class
+from policy_service.wire import decision_to_pb, describe, frame_from_pb
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Policy"].full_name
+
+
+def replica_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class PolicyCore:
+    """Decide frames. Shared by the plain gRPC servicer and the Ray Serve deployment."""
+
+    def __init__(self, state=None, replica: str | None = None):
+        self.state = state
+        self.replica = replica or replica_name()
+        self.decided = 0
+        self.state_errors = 0
+        self._scorers: dict[tuple, object] = {}
+
+    def scorer(self, policy: str, params: dict[str, str]):
+        key = (policy, tuple(sorted(params.items())))
+        if key not in self._scorers:
+            self._scorers[key] = make_scorer(policy, params)
+        return self._scorers[key]
+
+    async def decide(self, message: pb.StatsFrame, parent_context=None) -> pb.Decision:
+        with telemetry.decide_span(message, self.replica, parent_context) as span:
+            start = time.perf_counter()
+            try:
+                scorer = self.scorer(message.policy, dict(message.params))
+                frame = frame_from_pb(message)
+                missing = scorer.spec().names - set(frame.stats) - {"positions"}
+                if missing:
+                    raise ValueError(f"frame lacks statistics {sorted(missing)} that policy {message.policy!r} needs")
+                plan = await asyncio.to_thread(scorer.plan, frame)
+            except Exception as exc:  # answered in-band: the decoder falls back and reports it
+                log.warning("frame %d of %s: %s", message.frame_id, message.session_id, exc)
+                telemetry.record_decide_error(span, exc)
+                return pb.Decision(frame_id=message.frame_id, session_id=message.session_id, policy=message.policy,
+                                   seed=message.seed, replica=self.replica, error=f"{type(exc).__name__}: {exc}")
+            decision = Decision(frame_id=message.frame_id, plan=plan, policy=message.policy, seed=message.seed,
+                                latency_s=time.perf_counter() - start)
+            kept = plan.count if isinstance(plan, KeepSet) else (message.n if plan is None else getattr(plan, "count", 0))
+            telemetry.annotate_decision(span, decision, kept, message.n)
+        self.decided += 1
+        await self.record(message, decision, kept)
+        return decision_to_pb(decision, session_id=message.session_id, replica=self.replica)
+
+    async def record(self, message: pb.StatsFrame, decision: Decision, kept: int) -> None:
+        if self.state is None:
+            return
+        try:
+            await self.state.record_decision(message.session_id, message.frame_id, message.policy, message.seed,
+                                             decision.latency_s, kept, max(0, message.n - kept), self.replica)
+        except Exception as exc:
+            self.state_errors += 1
+            log.warning("could not record decision %d of %s in the state store: %s", message.frame_id,
+                        message.session_id, exc)
+
+    def describe(self, request: pb.DescribeRequest) -> pb.DescribeResponse:
+        names = [request.policy] if request.policy else sorted(POLICIES)
+        return pb.DescribeResponse(policies=[describe(policy_class(n), dict(request.params)) for n in names])
+
+
+class PolicyServicer(policy_pb2_grpc.PolicyServicer):
+    def __init__(self, core: PolicyCore):
+        self.core = core
+
+    async def Decide(self, request_iterator, context):
+        """Frames are decided concurrently; decisions stream back as they finish (matched by frame_id)."""
+        parent = telemetry.extract_context(context.invocation_metadata())
+        done: asyncio.Queue = asyncio.Queue()
+        pending: set[asyncio.Task] = set()
+        reader_finished = asyncio.Event()
+
+        async def read() -> None:
+            try:
+                async for frame in request_iterator:
+                    task = asyncio.create_task(self.core.decide(frame, parent))
+                    pending.add(task)
+                    task.add_done_callback(lambda t: (pending.discard(t), done.put_nowait(t)))
+            finally:
+                reader_finished.set()
+                done.put_nowait(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while not (reader_finished.is_set() and not pending and done.empty()):
+                task = await done.get()
+                if task is not None:
+                    yield task.result()
+        finally:
+            reader.cancel()
+            for task in pending:
+                task.cancel()
+
+    async def DecideFrame(self, request, context):
+        return await self.core.decide(request, telemetry.extract_context(context.invocation_metadata()))
+
+    async def Describe(self, request, context):
+        try:
+            return self.core.describe(request)
+        except (KeyError, ValueError) as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc).strip('"'))
+
+
+class PolicyServer:
+    def __init__(self, address: str = "127.0.0.1:50052", state=None):
+        self.address = address
+        self.core = PolicyCore(state)
+        self.server: grpc.aio.Server | None = None
+        self.health = health.aio.HealthServicer()
+        self.port = 0
+
+    async def start(self) -> int:
+        self.server = grpc.aio.server(options=[("grpc.max_receive_message_length", 256 << 20),
+                                               ("grpc.max_send_message_length", 256 << 20)])
+        policy_pb2_grpc.add_PolicyServicer_to_server(PolicyServicer(self.core), self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            self.server)
+        self.port = self.server.add_insecure_port(self.address)
+        if self.port == 0:
+            raise RuntimeError(f"could not bind {self.address}")
+        await self.server.start()
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        self.address = f"{self.address.rsplit(':', 1)[0]}:{self.port}"
+        return self.port
+
+    async def stop(self, grace: float = 1.0) -> None:
+        await self.health.enter_graceful_shutdown()
+        if self.server is not None:
+            await self.server.stop(grace)
+
+
+class BackgroundPolicyServer:
+    """A PolicyServer on its own event-loop thread (tests, benchmarks, the embedded `kvpilot up`)."""
+
+    def __init__(self, address: str = "127.0.0.1:0", state=None):
+        import threading
+
+        self.server = PolicyServer(address, state=state)
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="kvpilot-policy", daemon=True)
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self.server.start(), self.loop).result(timeout=30)
+
+    @property
+    def address(self) -> str:
+        return self.server.address
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.server.stop(0.2), self.loop).result(timeout=30)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=5)
+
+    def __enter__(self) -> "BackgroundPolicyServer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

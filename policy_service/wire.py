@@ -1,0 +1,112 @@
+"""Frames and decisions <-> policy.proto messages. Tensors as raw little-endian bytes, never pickled."""
+from __future__ import annotations
+
+import dataclasses
+import sys
+
+import numpy as np
+import torch
+
+from kvpilot.v1 import policy_pb2 as pb
+from policy_service.frame import Decision, KeepSet, MergePlanSpec, SpanDrop, StatsFrame
+from policy_service.scorers.base import Scorer
+
+DTYPES = {
+    "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+    "int64": torch.int64, "int32": torch.int32, "bool": torch.bool,
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+assert sys.byteorder == "little", "raw tensor bytes are little-endian; a big-endian host would need byteswaps"
+
+
+def tensor_to_pb(t: torch.Tensor) -> pb.Tensor:
+    t = t.detach().contiguous().cpu()
+    if t.dtype not in DTYPE_NAMES:
+        raise ValueError(f"dtype {t.dtype} cannot travel (supported: {sorted(DTYPES)})")
+    raw = t.view(torch.int16) if t.dtype == torch.bfloat16 else t  # numpy has no bfloat16: ship its bits
+    return pb.Tensor(dtype=DTYPE_NAMES[t.dtype], shape=list(t.shape), data=raw.numpy().tobytes())
+
+
+def tensor_from_pb(m: pb.Tensor) -> torch.Tensor:
+    if m.dtype not in DTYPES:
+        raise ValueError(f"unknown tensor dtype {m.dtype!r}")
+    dtype = DTYPES[m.dtype]
+    np_dtype = np.int16 if dtype == torch.bfloat16 else torch.empty((), dtype=dtype).numpy().dtype
+    array = np.frombuffer(m.data, dtype=np_dtype)
+    expected = int(np.prod(m.shape)) if len(m.shape) else 1
+    if array.size != expected:
+        raise ValueError(f"tensor of shape {list(m.shape)} needs {expected} values, got {array.size}")
+    t = torch.from_numpy(array.copy()).reshape(tuple(m.shape))
+    return t.view(torch.bfloat16) if dtype == torch.bfloat16 else t
+
+
+def frame_to_pb(frame: StatsFrame, policy: str, params: dict[str, str]) -> pb.StatsFrame:
+    return pb.StatsFrame(
+        frame_id=frame.frame_id, session_id=frame.session_id, policy=policy, params=params, n=frame.n,
+        keep=frame.keep, sinks=frame.sinks, window=frame.window, num_layers=frame.num_layers,
+        num_kv_heads=frame.num_kv_heads, num_heads=frame.num_heads, step=frame.step, seed=frame.seed,
+        stats={name: tensor_to_pb(t) for name, t in frame.stats.items()},
+        tool_segments=[pb.ToolSegment(start=s, end=e, index=i) for s, e, i in frame.tool_segments],
+    )
+
+
+def frame_from_pb(m: pb.StatsFrame) -> StatsFrame:
+    return StatsFrame(
+        frame_id=m.frame_id, session_id=m.session_id, n=m.n, keep=m.keep, sinks=m.sinks, window=m.window,
+        num_layers=m.num_layers, num_kv_heads=m.num_kv_heads, num_heads=m.num_heads, step=m.step, seed=m.seed,
+        stats={name: tensor_from_pb(t) for name, t in m.stats.items()},
+        tool_segments=[(s.start, s.end, s.index) for s in m.tool_segments],
+    )
+
+
+def decision_to_pb(d: Decision, session_id: str = "", replica: str = "", error: str = "") -> pb.Decision:
+    m = pb.Decision(frame_id=d.frame_id, session_id=session_id, policy=d.policy, seed=d.seed,
+                    latency_ms=d.latency_s * 1e3, replica=replica, error=error)
+    plan = d.plan
+    if plan is None:
+        m.keep_all.SetInParent()
+    elif isinstance(plan, KeepSet):
+        m.keep.indices.CopyFrom(tensor_to_pb(plan.indices.to(torch.int64)))
+    elif isinstance(plan, MergePlanSpec):
+        offsets = [0]
+        for g in plan.groups:
+            offsets.append(offsets[-1] + len(g))
+        m.merge.group_offsets.CopyFrom(tensor_to_pb(torch.tensor(offsets, dtype=torch.int64)))
+        m.merge.sources.CopyFrom(tensor_to_pb(torch.tensor([s for g in plan.groups for s in g], dtype=torch.int64)))
+        m.merge.weights.CopyFrom(tensor_to_pb(torch.tensor([w for ws in plan.weights for w in ws], dtype=torch.float32)))
+        m.merge.anchors.CopyFrom(tensor_to_pb(torch.tensor(plan.anchors, dtype=torch.int64)))
+    elif isinstance(plan, SpanDrop):
+        m.span_drop.spans.extend(pb.Span(start=s, end=e) for s, e in plan.spans)
+    else:
+        raise TypeError(f"cannot serialise plan {type(plan).__name__}")
+    return m
+
+
+def decision_from_pb(m: pb.Decision) -> Decision:
+    which = m.WhichOneof("plan")
+    plan = None
+    if which == "keep":
+        plan = KeepSet(tensor_from_pb(m.keep.indices))
+    elif which == "merge":
+        offsets = tensor_from_pb(m.merge.group_offsets).tolist()
+        sources = tensor_from_pb(m.merge.sources).tolist()
+        weights = tensor_from_pb(m.merge.weights).tolist()
+        groups = [sources[a:b] for a, b in zip(offsets, offsets[1:])]
+        plan = MergePlanSpec(groups=groups, weights=[weights[a:b] for a, b in zip(offsets, offsets[1:])],
+                             anchors=tensor_from_pb(m.merge.anchors).tolist())
+    elif which == "span_drop":
+        plan = SpanDrop([(s.start, s.end) for s in m.span_drop.spans])
+    return Decision(frame_id=m.frame_id, plan=plan, policy=m.policy, seed=m.seed, latency_s=m.latency_ms / 1e3,
+                    note=m.error)
+
+
+def describe(scorer_cls: type[Scorer], params: dict[str, str] | None = None) -> pb.PolicyDescription:
+    scorer = scorer_cls.from_params(params)
+    spec = scorer.spec()
+    doc = (scorer_cls.__doc__ or "").strip().splitlines()
+    return pb.PolicyDescription(
+        policy=scorer_cls.name, summary=doc[0] if doc else "", statistics=sorted(spec.names),
+        window_queries=spec.window_queries, decay=spec.decay,
+        parameters=[pb.Parameter(name=f.name, type=type(f.default).__name__, default=str(f.default))
+                    for f in dataclasses.fields(scorer_cls)],
+    )
