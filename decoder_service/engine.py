@@ -426,6 +426,45 @@ class Engine:
         if not self.store.delete(session_id) and resident is None:
             raise SessionNotFound(f"unknown session id {session_id!r}")
 
+    def knows_session(self, session_id: str) -> bool:
+        return self.store.get(session_id) is not None
+
+    def export_session(self, session_id: str, with_kv: bool) -> tuple[Session, dict | None, dict]:
+        """The session, and (optionally) a copy of its parked KV: k, v [L, H, n, D], positions [L, H, n]."""
+        session, _ = self.get_session(session_id)
+        session = Session.from_dict(session.to_dict())  # a copy: the loop thread serialises it while we run
+        resident = self.resident.get(session_id)
+        if not with_kv or resident is None:
+            return session, None, {}
+        kv, _, num_computed = resident
+        tensors = {"k": kv.k[:, :, :kv.n].clone(), "v": kv.v[:, :, :kv.n].clone(),
+                   "positions": kv.positions[:, :, :kv.n].clone()}
+        meta = {"num_computed": num_computed, "model": self.loaded.name, "dtype": str(kv.k.dtype),
+                "shape": list(kv.k.shape[:2]) + [kv.n, kv.k.shape[-1]]}
+        return session, tensors, meta
+
+    def import_session(self, session: Session, tensors: dict | None = None, meta: dict | None = None) -> bool:
+        """Adopt a session from the durable store (another decoder wrote it). With a KV snapshot that fits
+        this model and pool, the next turn continues without re-prefill; returns whether the KV was adopted."""
+        self.store.put(session)
+        if not tensors:
+            return False
+        k = tensors["k"]
+        expected = (self.model_config.num_layers, self.model_config.num_kv_heads, self.model_config.head_dim)
+        if (k.shape[0], k.shape[1], k.shape[3]) != expected or meta.get("model") != self.loaded.name:
+            return False  # another model's cache: re-prefill from the history instead
+        n = k.shape[2]
+        try:
+            region = self.pool.allocate(uuid.uuid4().hex, max(n, 1))
+        except PoolExhausted:
+            return False
+        region.k[:, :, :n] = k.to(region.k.device, region.k.dtype)
+        region.v[:, :, :n] = tensors["v"].to(region.v.device, region.v.dtype)
+        region.positions[:, :, :n] = tensors["positions"].to(region.positions.device)
+        region.n = n
+        self.resident[session.id] = (region, None, int(meta["num_computed"]))
+        return True
+
     # ---- convenience for tests, benchmarks and the eval harness ------------------------------------
     def run_until_done(self) -> None:
         while self.has_work():

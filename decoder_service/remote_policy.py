@@ -24,6 +24,7 @@ from policy_service.frame import Decision, StatsFrame
 from policy_service.wire import decision_from_pb, frame_to_pb
 
 log = logging.getLogger(__name__)
+APP_METADATA = (("application", "kvpilot-policy"),)
 
 
 class PolicyUnavailable(ConnectionError):
@@ -109,7 +110,8 @@ class RemotePolicy:
                 await asyncio.wait_for(channel.channel_ready(), timeout=self.connect_timeout_s)
                 queue: asyncio.Queue = asyncio.Queue()
                 self._queues[index] = queue
-                call = policy_pb2_grpc.PolicyStub(channel).Decide(self._frames(queue))
+                # Ray Serve's proxy routes by the `application` metadata; a plain policy server ignores it.
+                call = policy_pb2_grpc.PolicyStub(channel).Decide(self._frames(queue), metadata=APP_METADATA)
                 self._connected[index] = True
                 delay = self.backoff_s[0]
                 log.info("policy stream %d connected to %s", index, self.url)

@@ -27,6 +27,12 @@ class SessionNotFound(RequestError):
     code = "NOT_FOUND"
 
 
+class SessionStoreDown(RequestError):
+    """The session is not on this decoder and the durable session store cannot be read."""
+
+    code = "UNAVAILABLE"
+
+
 class SessionConflict(RequestError):
     """The session already exists, or another request is generating in it."""
 

@@ -24,10 +24,12 @@ from decoder_service.requests import (
     GenerationRequest,
     InvalidRequest,
     RequestError,
+    SessionStoreDown,
     SamplingParams,
     SegmentKind,
     TokenEvent,
 )
+from decoder_service.session_store import SessionStoreError, SessionVersionConflict
 from kvpilot import telemetry
 from kvpilot.v1 import decoder_pb2 as pb
 from policy_service.registry import available_policies
@@ -67,8 +69,11 @@ def tolerant(parse):
 
 
 class DecoderServicer:
-    def __init__(self, engine: AsyncEngine):
+    def __init__(self, engine: AsyncEngine, durable=None, persist_kv: bool = False):
         self.engine = engine
+        self.durable = durable  # SessionStore (Redis) shared by decoder processes; None = this process only
+        self.persist_kv = persist_kv
+        self.versions: dict[str, int] = {}  # session -> version this process last read or wrote
         self.tokenizer = engine.engine.tokenizer
         self.model_name = engine.engine.loaded.name
 
@@ -81,6 +86,8 @@ class DecoderServicer:
         try:
             gen = self.to_engine_request(request)
             span = gen.trace_parent = telemetry.start_generate_span(self.model_name, gen)
+            if gen.session_id and not gen.create_session:
+                await self.load_session(gen.session_id)
             stream = self.engine.generate(gen)
             first = await anext(stream)  # request errors surface here, before anything is streamed
         except RequestError as exc:
@@ -90,9 +97,13 @@ class DecoderServicer:
         try:
             event = first
             while True:
+                warnings = []
                 if isinstance(event, FinishEvent):
                     final = event
-                yield to_response(gen.request_id, event)
+                    if final.session_id:
+                        # Shielded: a client hanging up right now must not leave the store half-written.
+                        warnings = await asyncio.shield(self.persist_session(final.session_id))
+                yield to_response(gen.request_id, event, warnings)
                 if final is not None:
                     return
                 event = await anext(stream)
@@ -142,8 +153,46 @@ class DecoderServicer:
             add_bos=request.add_bos if request.HasField("add_bos") else True,
         )
 
+    async def load_session(self, session_id: str) -> None:
+        """Adopt a session another decoder process wrote (history, and its KV snapshot when persisted)."""
+        if self.durable is None or await self.engine.call(lambda: self.engine.engine.knows_session(session_id)):
+            return
+        try:
+            found = await self.durable.get_with_version(session_id)
+            snapshot = await self.durable.get_kv_snapshot(session_id) if (found and self.persist_kv) else None
+        except SessionStoreError as exc:
+            raise SessionStoreDown(f"session {session_id!r} is not on this decoder and the session store "
+                                   f"failed: {exc}") from None
+        if found is None:
+            return  # the engine answers NOT_FOUND
+        session, version = found
+        tensors, meta = snapshot if snapshot else (None, None)
+        if meta and meta.get("session_version") != version:
+            tensors = meta = None  # the snapshot lags the session (its write failed): re-prefill instead
+        await self.engine.call(lambda: self.engine.engine.import_session(session, tensors, meta))
+        self.versions[session_id] = version
+
+    async def persist_session(self, session_id: str) -> list[str]:
+        """Write the session (and its KV snapshot) to the durable store; failures become warnings."""
+        if self.durable is None:
+            return []
+        try:
+            session, tensors, meta = await self.engine.call(
+                lambda: self.engine.engine.export_session(session_id, self.persist_kv))
+            version = await self.durable.put(session, self.versions.get(session_id, 0))
+            self.versions[session_id] = version
+            if tensors is not None:
+                await self.durable.put_kv_snapshot(session_id, tensors, meta | {"session_version": version})
+        except SessionVersionConflict as exc:
+            return [f"session {session_id!r} was not persisted: another decoder changed it ({exc})"]
+        except (SessionStoreError, RequestError) as exc:
+            log.warning("session %s not persisted: %s", session_id, exc)
+            return [f"session {session_id!r} was not persisted: {exc}"]
+        return []
+
     async def GetSession(self, request, context):
         try:
+            await self.load_session(request.session_id)
             session, resident = await self.engine.call(lambda: self.engine.engine.get_session(request.session_id))
         except RequestError as exc:
             await context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
@@ -163,10 +212,19 @@ class DecoderServicer:
         return info
 
     async def DeleteSession(self, request, context):
+        sid = request.session_id
+        deleted_durably = False
+        if self.durable is not None:
+            try:
+                deleted_durably = await self.durable.delete(sid)
+            except SessionStoreError as exc:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, f"session store failed: {exc}")
+            self.versions.pop(sid, None)
         try:
-            await self.engine.call(lambda: self.engine.engine.delete_session(request.session_id))
+            await self.engine.call(lambda: self.engine.engine.delete_session(sid))
         except RequestError as exc:
-            await context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
+            if not (deleted_durably and exc.code == "NOT_FOUND"):
+                await context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
         return pb.DeleteSessionResponse()
 
     async def GetModelInfo(self, request, context):
@@ -180,7 +238,7 @@ class DecoderServicer:
         )
 
 
-def to_response(request_id: str, event) -> pb.GenerateResponse:
+def to_response(request_id: str, event, warnings: list[str] = ()) -> pb.GenerateResponse:
     if isinstance(event, TokenEvent):
         return pb.GenerateResponse(request_id=request_id, chunk=pb.TokenChunk(token_ids=event.token_ids, text=event.text))
     if isinstance(event, EvictionEvent):
@@ -192,6 +250,7 @@ def to_response(request_id: str, event) -> pb.GenerateResponse:
     u = event.usage
     complete = pb.GenerationComplete(
         finish_reason=FINISH_REASONS[event.finish_reason], text=event.text, session_id=event.session_id or "",
+        warnings=list(warnings),
         usage=pb.Usage(
             prompt_tokens=u.prompt_tokens, cached_tokens=u.cached_tokens, generated_tokens=u.generated_tokens,
             peak_kv_slots=u.peak_kv_slots, peak_kv_bytes=u.peak_kv_bytes, reserved_kv_bytes=u.reserved_kv_bytes,
@@ -228,8 +287,10 @@ def add_decoder_service(server: grpc.aio.Server, servicer: DecoderServicer) -> N
 class DecoderServer:
     """A running decoder: engine thread + grpc.aio server + health + reflection."""
 
-    def __init__(self, engine: Engine, address: str = "127.0.0.1:50051"):
+    def __init__(self, engine: Engine, address: str = "127.0.0.1:50051", session_store=None, persist_kv: bool = False):
         self.async_engine = AsyncEngine(engine)
+        self.session_store = session_store
+        self.persist_kv = persist_kv
         self.address = address
         self.server: grpc.aio.Server | None = None
         self.health = health.aio.HealthServicer()
@@ -237,7 +298,7 @@ class DecoderServer:
 
     async def start(self) -> int:
         self.server = grpc.aio.server(options=SERVER_OPTIONS)
-        add_decoder_service(self.server, DecoderServicer(self.async_engine))
+        add_decoder_service(self.server, DecoderServicer(self.async_engine, self.session_store, self.persist_kv))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
@@ -257,6 +318,8 @@ class DecoderServer:
         if self.server is not None:
             await self.server.stop(grace)
         self.async_engine.close()
+        if self.session_store is not None:
+            await self.session_store.close()
 
     async def serve_forever(self) -> None:
         loop = asyncio.get_running_loop()
@@ -274,10 +337,10 @@ class BackgroundServer:
     """A DecoderServer on its own event-loop thread: for `kvpilot demo`, tests and benchmarks that drive it
     with a synchronous client from the main thread."""
 
-    def __init__(self, engine: Engine, address: str = "127.0.0.1:0"):
+    def __init__(self, engine: Engine, address: str = "127.0.0.1:0", session_store=None, persist_kv: bool = False):
         import threading
 
-        self.server = DecoderServer(engine, address)
+        self.server = DecoderServer(engine, address, session_store, persist_kv)
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="kvpilot-grpc", daemon=True)
         self._thread.start()

@@ -17,7 +17,12 @@ def cmd_serve(args) -> int:
     engine = build_engine(runtime_options(args))
 
     async def main() -> None:
-        server = DecoderServer(engine, args.address)
+        store = None
+        if args.redis_url:
+            from decoder_service.session_store import make_session_store
+
+            store = make_session_store(args.redis_url, ttl_s=args.session_ttl)
+        server = DecoderServer(engine, args.address, session_store=store, persist_kv=args.persist_kv)
         await server.start()
         print(f"kvpilot decoder serving {engine.loaded.name} on {server.address} "
               f"(KV pool {engine.pool.capacity_bytes / 2**20:.0f} MiB, {engine.pool.capacity_slots} slots)", flush=True)
@@ -100,7 +105,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="run the decoder gRPC server (embedded in-process policy)")
     add_runtime_arguments(p)
     p.add_argument("--address", default="127.0.0.1:50051")
+    p.add_argument("--redis-url", help="durable session store shared by decoders (e.g. redis://127.0.0.1:6379/0)")
+    p.add_argument("--persist-kv", action="store_true", help="also persist each session's compressed KV snapshot")
+    p.add_argument("--session-ttl", type=float, default=3600.0, help="seconds an idle session is kept")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("up", help="the distributed shape on one machine: Redis + Ray-served policy + decoder")
+    from kvpilot.up import add_arguments as add_up_arguments
+
+    add_up_arguments(p)
 
     p = sub.add_parser("generate", help="stream a generation from a running server to the terminal")
     p.add_argument("prompt")

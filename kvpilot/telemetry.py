@@ -17,6 +17,7 @@ from opentelemetry.trace import Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 TRACER_NAME = "kvpilot"
+LATENCY_BUCKETS_S = [1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0]
 _propagator = TraceContextTextMapPropagator()
 
 
@@ -148,10 +149,14 @@ class DecoderMetrics:
     def __init__(self, pool=None):
         meter = metrics.get_meter(TRACER_NAME)
         self.evicted = meter.create_counter("kvpilot.evicted_tokens", unit="1", description="tokens evicted")
+        # Compactions and round trips take micro- to milliseconds: the SDK's default buckets (0, 5, 10 ... s)
+        # would put them all in the first one.
         self.compaction = meter.create_histogram("kvpilot.compaction.duration", unit="s",
-                                                 description="time to apply a plan (kernel + bookkeeping)")
+                                                 description="time to apply a plan (kernel + bookkeeping)",
+                                                 explicit_bucket_boundaries_advisory=LATENCY_BUCKETS_S)
         self.round_trip = meter.create_histogram("kvpilot.policy.round_trip", unit="s",
-                                                 description="frame sent -> decision received")
+                                                 description="frame sent -> decision received",
+                                                 explicit_bucket_boundaries_advisory=LATENCY_BUCKETS_S)
         self.decode_tokens = meter.create_counter("kvpilot.decode.tokens", unit="1", description="tokens generated")
         self.fallbacks = meter.create_counter("kvpilot.policy.fallbacks", unit="1",
                                               description="compressions done by the local fallback policy")

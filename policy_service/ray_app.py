@@ -39,6 +39,9 @@ class RayPolicyConfig:
 @serve.deployment(name="Policy")
 class PolicyDeployment:
     def __init__(self, redis_url: str | None = None):
+        from kvpilot.telemetry import setup_telemetry
+
+        setup_telemetry("kvpilot-policy")  # replicas export their own `decide` spans when OTEL_* asks
         state = None
         if redis_url:
             from policy_service.state import make_policy_state_store
@@ -58,14 +61,16 @@ class PolicyDeployment:
         return self.core.describe(request)
 
 
-def build_app(config: RayPolicyConfig):
+def build_app(config: RayPolicyConfig | dict):
+    """The Serve application. A Serve config file (KubeRay's RayService) passes its `args:` as a dict."""
+    if isinstance(config, dict):
+        config = RayPolicyConfig(**config)
     autoscaling = {
         "min_replicas": config.min_replicas,
         "max_replicas": config.max_replicas,
         "target_ongoing_requests": config.target_ongoing_requests,
         "upscale_delay_s": config.upscale_delay_s,
         "downscale_delay_s": config.downscale_delay_s,
-        "metrics_interval_s": 1.0,
         "look_back_period_s": 5.0,
     }
     if config.initial_replicas is not None:
@@ -93,7 +98,8 @@ def start(config: RayPolicyConfig, ray_address: str | None = None, num_cpus: int
         http_options=HTTPOptions(host="127.0.0.1", port=config.http_port),
         grpc_options=gRPCOptions(port=config.grpc_port, grpc_servicer_functions=SERVICER_FUNCTIONS),
     )
-    serve.run(build_app(config), name=APP_NAME, route_prefix=None)
+    # A route prefix registers the ingress endpoint that the gRPC proxy routes by (no HTTP app is served).
+    serve.run(build_app(config), name=APP_NAME, route_prefix=f"/{APP_NAME}")
 
 
 def replica_count() -> int:

@@ -6,8 +6,29 @@ import os
 import pytest
 import torch
 
+# Without a GPU, Triton can only run through its interpreter, which must be chosen before triton is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("KVPILOT_HOME", os.path.join(os.path.dirname(__file__), "..", ".pytest_cache", "kvpilot_home"))
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+# One OpenTelemetry SDK setup for the whole run (the global providers are set-once): spans go to an
+# in-memory exporter, metrics to an in-memory reader; tests read them through the fixtures below.
+from opentelemetry import metrics as otel_metrics  # noqa: E402
+from opentelemetry import trace as otel_trace  # noqa: E402
+from opentelemetry.sdk.metrics import MeterProvider  # noqa: E402
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader  # noqa: E402
+from opentelemetry.sdk.trace import TracerProvider  # noqa: E402
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor  # noqa: E402
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter  # noqa: E402
+
+SPANS = InMemorySpanExporter()
+_tracer_provider = TracerProvider()
+_tracer_provider.add_span_processor(SimpleSpanProcessor(SPANS))
+otel_trace.set_tracer_provider(_tracer_provider)
+METRICS = InMemoryMetricReader()
+otel_metrics.set_meter_provider(MeterProvider(metric_readers=[METRICS]))
 
 from decoder_service.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from decoder_service.engine import Engine, EngineConfig  # noqa: E402
@@ -67,3 +88,31 @@ def make_engine(tiny_model):
         return Engine(tiny_model, EngineConfig(**config))
 
     return make
+
+
+@pytest.fixture
+def spans():
+    SPANS.clear()
+    yield SPANS
+    SPANS.clear()
+
+
+@pytest.fixture
+def metric_reader():
+    return METRICS
+
+
+REDIS_URL = os.environ.get("KVPILOT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+@pytest.fixture(scope="session")
+def redis_url():
+    """The real Redis the integration tests use. Missing Redis is a failure, never a skip."""
+    import redis
+
+    try:
+        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).ping()
+    except Exception as exc:
+        pytest.fail(f"Redis not reachable at {REDIS_URL} ({exc}): start it "
+                    "(redis-server --daemonize yes --port 6379 --save '') or run .ci/run")
+    return REDIS_URL

@@ -64,9 +64,9 @@ def test_multihop_tool_replays_reference_and_answer_follows_the_documents(seed, 
         assert tool_output_id(reply) == i // 2  # outputs are numbered #0, #1, ... in order
         assert reply.split()[2:-1].count(".") == episode.params.docs
         words = reply.split()[2:-1]
-        for j in range(0, len(words), 5):
-            entity, color, arrow, target, dot = words[j:j + 5]
-            assert arrow == "->" and dot == "." and color in COLORS
+        for j in range(0, len(words), 4):
+            entity, color, target, dot = words[j:j + 4]
+            assert dot == "." and color in COLORS
             documents.setdefault(entity, (color, target))
             assert documents[entity] == (color, target)  # one consistent world
     assert episode.tool_response(turns[-1][1]) is None
@@ -79,7 +79,7 @@ def test_multihop_tool_replays_reference_and_answer_follows_the_documents(seed, 
     assert episode.answer == f"{node} {documents[start][0]}"
     # The start's color is only in the first tool output: later outputs never describe the start.
     for _, text in turns[3::2]:
-        assert f" {start} {documents[start][0]} ->" not in f" {text}"
+        assert f"> {start} {documents[start][0]} " not in text and f". {start} {documents[start][0]} " not in text
 
 
 def test_multihop_tool_is_deterministic_for_any_call():

@@ -2,20 +2,21 @@
 
 Each episode has a private world of entities (k00..k99), each with one color and one outgoing link. The model
 calls a lookup tool on the current entity; the tool answers with a numbered output of several one-line
-documents in random order, one for the called entity and the rest distractors. The model copies the hop
-(`k42 blue -> k77 ;`) and calls the next entity. After `hops` hops it answers with the end entity and the
-color of the START entity:
+documents `entity color link .` in random order, one for the called entity and the rest distractors. The
+model copies the hop (`k42 blue k77 ;`) and calls the next entity. After `hops` hops it restates the start
+with its color and answers with the end entity and the color of the START entity:
 
     prompt  Q: start k42 hops 2 . report end and color of start .
     model   <call> k42 </call>
-    tool    <tool> #0 k17 red -> k03 . k42 blue -> k77 . k05 green -> k42 . </tool>
-    model   k42 blue -> k77 ; <call> k77 </call>
-    tool    <tool> #1 k77 white -> k90 . k33 red -> k17 . k61 black -> k08 . </tool>
-    model   k77 white -> k90 ; ans k90 blue
+    tool    <tool> #0 k17 red k03 . k42 blue k77 . k05 green k42 . </tool>
+    model   k42 blue k77 ; <call> k77 </call>
+    tool    <tool> #1 k77 white k90 . k33 red k17 . k61 black k08 . </tool>
+    model   k77 white k90 ; start k42 blue ; ans k90 blue
 
 The start entity's color appears only in the first tool output and the first hop line (distractor documents
 never describe the start entity), so a cache that keeps only recent tokens loses it; older tool outputs are
-otherwise obsolete. Every lookup is a copy of what follows a unique context earlier in the sequence.
+otherwise obsolete. Every lookup copies what follows a short context seen earlier: an entity is followed by
+its color, and the pair `entity color` by its link (no filler word in between, which keeps it learnable).
 """
 from __future__ import annotations
 
@@ -38,8 +39,8 @@ class MultihopParams:
 
 DIFFICULTIES = {
     "easy": MultihopParams(hops=2, docs=4),
-    "default": MultihopParams(hops=4, docs=6),
-    "hard": MultihopParams(hops=8, docs=10),
+    "default": MultihopParams(hops=4, docs=8),
+    "hard": MultihopParams(hops=8, docs=12),
 }
 
 
@@ -68,7 +69,7 @@ class MultihopEpisode(Episode):
 
 
 def doc(episode: MultihopEpisode, entity: str) -> str:
-    return f"{entity} {episode.color[entity]} -> {episode.link[entity]} ."
+    return f"{entity} {episode.color[entity]} {episode.link[entity]} ."
 
 
 def render_tool_output(episode: MultihopEpisode, called: str, tool_id: int) -> str:
@@ -104,8 +105,11 @@ def generate(seed: int, difficulty: str = "default", **knobs) -> MultihopEpisode
     for i, entity in enumerate(chain[:-1]):
         episode.reference.append(("model", turn))
         episode.reference.append(("tool", episode.tool_response(turn)))
-        hop = f"{entity} {color[entity]} -> {link[entity]} ;"
-        turn = f"{hop} <call> {link[entity]} </call>" if i + 1 < params.hops else f"{hop} ans {episode.answer}"
+        hop = f"{entity} {color[entity]} {link[entity]} ;"
+        if i + 1 < params.hops:
+            turn = f"{hop} <call> {link[entity]} </call>"
+        else:
+            turn = f"{hop} start {start} {color[start]} ; ans {episode.answer}"
     episode.reference.append(("model", turn))
     return episode
 

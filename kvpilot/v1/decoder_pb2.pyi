@@ -193,20 +193,22 @@ class Usage(_message.Message):
     def __init__(self, prompt_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., peak_kv_slots: _Optional[int] = ..., peak_kv_bytes: _Optional[int] = ..., reserved_kv_bytes: _Optional[int] = ..., evicted_tokens: _Optional[int] = ..., merged_tokens: _Optional[int] = ..., compression_events: _Optional[int] = ..., fallbacks: _Optional[int] = ..., dropped_decisions: _Optional[int] = ..., seed: _Optional[int] = ..., time_to_first_token_ms: _Optional[float] = ..., duration_ms: _Optional[float] = ...) -> None: ...
 
 class GenerationComplete(_message.Message):
-    __slots__ = ("finish_reason", "usage", "text", "stop_string", "stop_token_id", "session_id")
+    __slots__ = ("finish_reason", "usage", "text", "stop_string", "stop_token_id", "session_id", "warnings")
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     STOP_STRING_FIELD_NUMBER: _ClassVar[int]
     STOP_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    WARNINGS_FIELD_NUMBER: _ClassVar[int]
     finish_reason: FinishReason
     usage: Usage
     text: str
     stop_string: str
     stop_token_id: int
     session_id: str
-    def __init__(self, finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., text: _Optional[str] = ..., stop_string: _Optional[str] = ..., stop_token_id: _Optional[int] = ..., session_id: _Optional[str] = ...) -> None: ...
+    warnings: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., text: _Optional[str] = ..., stop_string: _Optional[str] = ..., stop_token_id: _Optional[int] = ..., session_id: _Optional[str] = ..., warnings: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GetSessionRequest(_message.Message):
     __slots__ = ("session_id", "include_tokens")
