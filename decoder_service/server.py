@@ -11,8 +11,6 @@ import signal
 from dataclasses import dataclass
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from decoder_service.async_engine import AsyncEngine
 from decoder_service.engine import Engine
@@ -31,6 +29,8 @@ from decoder_service.requests import (
 )
 from decoder_service.session_store import SessionStoreError, SessionVersionConflict
 from kvpilot import telemetry
+from kvpilot.background import BackgroundServer as _BackgroundServer
+from kvpilot.background import start_grpc_server
 from kvpilot.v1 import decoder_pb2 as pb
 from policy_service.registry import available_policies
 
@@ -293,28 +293,17 @@ class DecoderServer:
         self.persist_kv = persist_kv
         self.address = address
         self.server: grpc.aio.Server | None = None
-        self.health = health.aio.HealthServicer()
-        self.port = 0
+        self.health = None
 
-    async def start(self) -> int:
+    async def start(self) -> str:
         self.server = grpc.aio.server(options=SERVER_OPTIONS)
         add_decoder_service(self.server, DecoderServicer(self.async_engine, self.session_store, self.persist_kv))
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-            self.server)
-        self.port = self.server.add_insecure_port(self.address)
-        if self.port == 0:
-            raise RuntimeError(f"could not bind {self.address}")
-        await self.server.start()
-        for service in ("", SERVICE_NAME):
-            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
-        host = self.address.rsplit(":", 1)[0]
-        self.address = f"{host}:{self.port}"
-        return self.port
+        self.address, self.health = await start_grpc_server(self.server, self.address, SERVICE_NAME)
+        return self.address
 
     async def stop(self, grace: float = 2.0) -> None:
-        await self.health.enter_graceful_shutdown()
+        if self.health is not None:
+            await self.health.enter_graceful_shutdown()
         if self.server is not None:
             await self.server.stop(grace)
         self.async_engine.close()
@@ -333,30 +322,8 @@ class DecoderServer:
         await self.stop()
 
 
-class BackgroundServer:
-    """A DecoderServer on its own event-loop thread: for `kvpilot demo`, tests and benchmarks that drive it
-    with a synchronous client from the main thread."""
+class BackgroundServer(_BackgroundServer):
+    """A DecoderServer on its own event-loop thread (the demo, tests, benchmarks)."""
 
     def __init__(self, engine: Engine, address: str = "127.0.0.1:0", session_store=None, persist_kv: bool = False):
-        import threading
-
-        self.server = DecoderServer(engine, address, session_store, persist_kv)
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, name="kvpilot-grpc", daemon=True)
-        self._thread.start()
-        asyncio.run_coroutine_threadsafe(self.server.start(), self.loop).result(timeout=30)
-
-    @property
-    def address(self) -> str:
-        return self.server.address
-
-    def stop(self) -> None:
-        asyncio.run_coroutine_threadsafe(self.server.stop(0.5), self.loop).result(timeout=30)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(timeout=5)
-
-    def __enter__(self) -> "BackgroundServer":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
+        super().__init__(DecoderServer(engine, address, session_store, persist_kv), name="kvpilot-grpc")

@@ -71,7 +71,7 @@ def build_app(config: RayPolicyConfig | dict):
         "target_ongoing_requests": config.target_ongoing_requests,
         "upscale_delay_s": config.upscale_delay_s,
         "downscale_delay_s": config.downscale_delay_s,
-        "look_back_period_s": 5.0,
+        "look_back_period_s": 12.0,  # must exceed the (deprecated, fixed 10 s) metrics interval
     }
     if config.initial_replicas is not None:
         autoscaling["initial_replicas"] = config.initial_replicas

@@ -14,12 +14,11 @@ import socket
 import time
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from kvpilot.v1 import policy_pb2 as pb
 from kvpilot.v1 import policy_pb2_grpc
 from kvpilot import telemetry
+from kvpilot.background import BackgroundServer, start_grpc_server
 from policy_service.frame import Decision, KeepSet
 from policy_service.registry import POLICIES, make_scorer, policy_class
 from policy_service.wire import decision_to_pb, describe, frame_from_pb
@@ -134,55 +133,24 @@ class PolicyServer:
         self.address = address
         self.core = PolicyCore(state)
         self.server: grpc.aio.Server | None = None
-        self.health = health.aio.HealthServicer()
-        self.port = 0
+        self.health = None
 
-    async def start(self) -> int:
+    async def start(self) -> str:
         self.server = grpc.aio.server(options=[("grpc.max_receive_message_length", 256 << 20),
                                                ("grpc.max_send_message_length", 256 << 20)])
         policy_pb2_grpc.add_PolicyServicer_to_server(PolicyServicer(self.core), self.server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-            self.server)
-        self.port = self.server.add_insecure_port(self.address)
-        if self.port == 0:
-            raise RuntimeError(f"could not bind {self.address}")
-        await self.server.start()
-        for service in ("", SERVICE_NAME):
-            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
-        self.address = f"{self.address.rsplit(':', 1)[0]}:{self.port}"
-        return self.port
+        self.address, self.health = await start_grpc_server(self.server, self.address, SERVICE_NAME)
+        return self.address
 
     async def stop(self, grace: float = 1.0) -> None:
-        await self.health.enter_graceful_shutdown()
+        if self.health is not None:
+            await self.health.enter_graceful_shutdown()
         if self.server is not None:
             await self.server.stop(grace)
 
 
-class BackgroundPolicyServer:
-    """A PolicyServer on its own event-loop thread (tests, benchmarks, the embedded `kvpilot up`)."""
+class BackgroundPolicyServer(BackgroundServer):
+    """A PolicyServer on its own event-loop thread (tests, benchmarks)."""
 
     def __init__(self, address: str = "127.0.0.1:0", state=None):
-        import threading
-
-        self.server = PolicyServer(address, state=state)
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, name="kvpilot-policy", daemon=True)
-        self._thread.start()
-        asyncio.run_coroutine_threadsafe(self.server.start(), self.loop).result(timeout=30)
-
-    @property
-    def address(self) -> str:
-        return self.server.address
-
-    def stop(self) -> None:
-        asyncio.run_coroutine_threadsafe(self.server.stop(0.2), self.loop).result(timeout=30)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(timeout=5)
-
-    def __enter__(self) -> "BackgroundPolicyServer":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
+        super().__init__(PolicyServer(address, state=state), name="kvpilot-policy", grace_s=0.2)
