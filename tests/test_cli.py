@@ -47,3 +47,35 @@ def test_serve_then_generate(tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_kvpilot_up_serves_with_ray_policy_and_redis(tmp_path, redis_url):
+    """`kvpilot up`: Redis + Ray-served policy + decoder from one command; a compressed request goes through
+    the remote policy (no fallbacks) and the session lands in Redis."""
+    decoder, policy = free_port(), free_port()
+    up_env = dict(env(tmp_path), RAY_USAGE_STATS_ENABLED="0")
+    proc = subprocess.Popen(KVPILOT + ["up", "--address", f"127.0.0.1:{decoder}", "--policy-address", f"127.0.0.1:{policy}",
+                                       "--redis-url", redis_url, "--kv-pool-mb", "16", "--max-replicas", "1"],
+                            env=up_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        grpc.channel_ready_future(grpc.insecure_channel(f"127.0.0.1:{decoder}")).result(timeout=240)
+        from kvpilot.client import build_request, connect
+
+        stub = connect(f"127.0.0.1:{decoder}")
+        request = build_request(token_ids=list(range(3, 200)), max_new_tokens=40, temperature=0.0, policy="h2o",
+                                budget=64, interval=16, window=16, new_session=True)
+        final = list(stub.Generate(request, timeout=120))[-1].complete
+        assert final.usage.compression_events > 0 and final.usage.fallbacks == 0, final
+        assert not final.warnings
+        import redis
+
+        assert redis.Redis.from_url(redis_url).exists(f"kvpilot:session:{{{final.session_id}}}")
+        from kvpilot.v1 import decoder_pb2 as pb
+
+        stub.DeleteSession(pb.DeleteSessionRequest(session_id=final.session_id))
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            proc.kill()
