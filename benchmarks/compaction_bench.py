@@ -21,7 +21,6 @@ Writes benchmarks/results/compaction_<device>.csv and prints a table.
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import platform
 import sys
@@ -30,11 +29,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable as a script from anywhere
+from benchmarks.common import RESULTS, write_csv  # noqa: E402
 import kernels  # noqa: E402
 from kernels import compaction  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 
 # (label, L, H, D, cap, keep_frac, per_head)
 SHAPES = [
@@ -161,12 +160,8 @@ def main(argv=None):
     for r in rows:
         print("  ".join(str(r[c]).rjust(w) for c, w in zip(cols, widths)))
 
-    RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"compaction_{device.type}.csv"
-    with out.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(out, rows)
     print(f"wrote {out}")
 
 

@@ -11,7 +11,6 @@ mean something only on a GPU.
 from __future__ import annotations
 
 import argparse
-import csv
 import platform
 import tempfile
 import time
@@ -19,12 +18,18 @@ from pathlib import Path
 
 import torch
 
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import RESULTS, write_csv
+
 from benchmarks.decode_throughput import SHAPES, make_model, sync
 from decoder_service.checkpoint import load_checkpoint
 from decoder_service.engine import Engine, EngineConfig
 from decoder_service.requests import CompressionConfig, GenerationRequest, SamplingParams
 
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def run_policy(loaded, prompts, args, policy: str) -> dict:
@@ -100,12 +105,8 @@ def main() -> None:
                  prompt_len=args.prompt_len, new_tokens=args.new_tokens, budget=args.budget, interval=args.interval)
         print(f"{r['policy']:>14} {r['tokens_per_s']:>8.1f} {r['ratio_vs_full']:>8.2f} {r['events']:>7} "
               f"{r['plan_ms']:>8.2f} {r['apply_ms']:>9.2f} {r['peak_kv_kib']:>12.0f}")
-    RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"compression_throughput_{args.device.split(':')[0]}.csv"
-    with out.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows({k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()} for r in rows)
+    write_csv(out, rows)
     print(f"wrote {out}")
 
 

@@ -10,7 +10,6 @@ quote the ratios.
 from __future__ import annotations
 
 import argparse
-import csv
 import platform
 import tempfile
 import time
@@ -18,13 +17,19 @@ from pathlib import Path
 
 import torch
 
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import RESULTS, write_csv
+
 from decoder_service.checkpoint import load_checkpoint, save_checkpoint
 from decoder_service.engine import Engine, EngineConfig
 from decoder_service.model import ModelConfig, Transformer
 from decoder_service.requests import GenerationRequest, SamplingParams
 from decoder_service.tokenizer import build_byte_level_tokenizer
 
-RESULTS = Path(__file__).resolve().parent / "results"
 
 SHAPES = {
     # A small model that still spends its time in matmuls on a CPU.
@@ -109,12 +114,8 @@ def main() -> None:
                              prompt_len=args.prompt_len, new_tokens=args.new_tokens, kvpilot_tok_s=round(ours, 1),
                              transformers_tok_s=round(theirs, 1), ratio=round(ours / theirs, 3)))
             print(f"{batch:>5} {ours:>14.1f} {theirs:>19.1f} {ours / theirs:>7.2f}")
-    RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"decode_throughput_{args.shape}_{args.device.split(':')[0]}.csv"
-    with out.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(out, rows)
     print(f"wrote {out}")
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import csv
 import os
 import socket
 import statistics
@@ -24,6 +23,13 @@ from pathlib import Path
 
 import torch
 
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import RESULTS, write_csv
+
 from benchmarks.decode_throughput import make_model
 from decoder_service.checkpoint import load_checkpoint
 from decoder_service.engine import Engine, EngineConfig
@@ -31,7 +37,6 @@ from decoder_service.remote_policy import RemotePolicy
 from decoder_service.requests import CompressionConfig, EvictionEvent, GenerationRequest, SamplingParams
 from policy_service.server import BackgroundPolicyServer
 
-RESULTS = Path(__file__).resolve().parent / "results"
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
@@ -153,12 +158,8 @@ def main() -> None:
                 time.sleep(2)
                 rows += measure("ray-serve", replicas, f"127.0.0.1:{port}", loaded, frames, args, streams=2 * replicas)
             ray_app.shutdown()
-    RESULTS.mkdir(exist_ok=True)
     out = RESULTS / "policy_service_cpu.csv"
-    with out.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows({k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()} for r in rows)
+    write_csv(out, rows)
     print(f"wrote {out}")
 
 

@@ -41,6 +41,16 @@ class EpisodeResult:
     finish: str = ""
     evictions: list[EvictionEvent] = field(default_factory=list)
 
+    def add_turn(self, text: str, usage) -> None:
+        """Fold one turn's final text and usage (engine Usage or the protobuf's) into the episode totals."""
+        self.turns += 1
+        self.text = f"{self.text} {text}".strip()
+        self.generated_tokens += usage.generated_tokens
+        self.peak_kv_slots = max(self.peak_kv_slots, usage.peak_kv_slots)
+        self.evicted_tokens += usage.evicted_tokens
+        self.compression_events += usage.compression_events
+        self.fallbacks += usage.fallbacks
+
 
 def stop_criteria(episode: Episode, tokenizer) -> tuple[list[int], list[str]]:
     """Stop strings that are single tokens become stop token ids (exact, no text matching)."""
@@ -104,14 +114,7 @@ class EpisodeRunner:
             return
         if not isinstance(event, FinishEvent):
             return
-        u = event.usage
-        result.turns += 1
-        result.text = f"{result.text} {event.text}".strip()
-        result.generated_tokens += u.generated_tokens
-        result.peak_kv_slots = max(result.peak_kv_slots, u.peak_kv_slots)
-        result.evicted_tokens += u.evicted_tokens
-        result.compression_events += u.compression_events
-        result.fallbacks += u.fallbacks
+        result.add_turn(event.text, event.usage)
         session = self.engine.store.get(session_id)
         result.total_tokens = len(session.token_ids) if session else result.total_tokens
         reply = None
@@ -156,13 +159,7 @@ def run_episode_grpc(stub, episode: Episode, tokenizer, out: TextIO = sys.stdout
             else:
                 complete = response.complete
         session_id = complete.session_id
-        u = complete.usage
-        result.turns += 1
-        result.text = f"{result.text} {complete.text}".strip()
-        result.generated_tokens += u.generated_tokens
-        result.peak_kv_slots = max(result.peak_kv_slots, u.peak_kv_slots)
-        result.evicted_tokens += u.evicted_tokens
-        result.compression_events += u.compression_events
+        result.add_turn(complete.text, complete.usage)
         reply = episode.tool_response(complete.text) if complete.finish_reason == pb.FINISH_REASON_STOP else None
         if reply is None or result.turns >= max_turns:
             break
