@@ -97,13 +97,13 @@ def test_variables_answer_matches_an_interpreter(seed, difficulty):
     *statements, ask = [s.split() for s in body.rstrip(" .").split(" ; ")]
     env: dict[str, int] = {}
     for words in statements:
-        if len(words) == 3:
+        if words[1] == "=":
             env[words[0]] = int(words[2])
         else:
-            name, _, left, op, right = words
-            assert left in env and right in env  # operands are earlier variables
+            name, op, left, right = words
+            assert left in env and right in env and left != right  # operands are earlier variables
             a, b = env[left], env[right]
-            env[name] = {"+": a + b, "-": a - b, "*": a * b}[op] % 10
+            env[name] = {"sum": a + b, "diff": a - b, "prod": a * b}[op] % 10
     assert ask[0] == "ask"
     assert episode.answer == str(env[ask[1]])
 

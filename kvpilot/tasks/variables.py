@@ -1,13 +1,18 @@
 """variables: evaluate a program of single-digit assignments (mod 10) in order; a single-pass trace.
 
 Variables are x1, x2, ... in program order. The first few are constants; every later one combines two random
-EARLIER variables (any of them, not only recent ones), so an early binding can be needed again late. The trace
-copies each statement, looks up its operands by their bindings (`x2 := 7`: the value is whatever follows
-the unique pair `x2 :=`), and writes the new binding:
+EARLIER variables (any of them, not only recent ones), so an early binding can be needed again late:
+`x3 diff x2 x1` is x3 = x2 - x1 (mod 10), `x4 sum x1 x3` is x4 = x1 + x3. The trace copies each statement,
+looks up its operands by their bindings (`x2 := 7`: the value is whatever follows the unique pair `x2 :=`),
+and writes the new binding:
 
-    prompt  V: x1 = 3 ; x2 = 5 ; x3 = x2 - x1 ; x4 = x1 + x3 ; ask x4 .
-    model   x1 = 3 ; x1 := 3 ; x2 = 5 ; x2 := 5 ; x3 = x2 - x1 ; x2 := 5 x1 := 3 x3 := 2 ;
-            x4 = x1 + x3 ; x1 := 3 x3 := 2 x4 := 5 ; ans 5
+    prompt  V: x1 = 3 ; x2 = 5 ; x3 diff x2 x1 ; x4 sum x1 x3 ; ask x4 .
+    model   x1 = 3 ; x1 := 3 ; x2 = 5 ; x2 := 5 ; x3 diff x2 x1 ; x2 := 5 x1 := 3 x3 := 2 ;
+            x4 sum x1 x3 ; x1 := 3 x3 := 2 x4 := 5 ; ans 5
+
+The operator word comes right after the target, so every word of a statement follows a context of at most two
+words that identifies it (`x3` -> its operator, `x3 diff` -> first operand, `diff x2` -> second operand).
+With `x3 = x2 - x1` the operator sits three words after the only unique context and a small model guesses it.
 """
 from __future__ import annotations
 
@@ -17,14 +22,14 @@ from kvpilot.tasks.base import Episode, episode_rng
 from kvpilot.tasks.vocab import VARIABLES
 
 TASK = "variables"
-OPS = {"+": lambda a, b: (a + b) % 10, "-": lambda a, b: (a - b) % 10, "*": lambda a, b: (a * b) % 10}
+OPS = {"sum": lambda a, b: (a + b) % 10, "diff": lambda a, b: (a - b) % 10, "prod": lambda a, b: (a * b) % 10}
 
 
 @dataclass(frozen=True)
 class VariablesParams:
     statements: int
     constants: int = 2
-    ops: str = "+-"
+    ops: tuple[str, ...] = ("sum", "diff")
 
 
 DIFFICULTIES = {
@@ -49,9 +54,9 @@ def generate(seed: int, difficulty: str = "default", **knobs) -> Episode:
         left, right = rng.sample(names[:k], 2)
         op = rng.choice(params.ops)
         value[name] = OPS[op](value[left], value[right])
-        statements.append(f"{name} = {left} {op} {right}")
+        statements.append(f"{name} {op} {left} {right}")
         trace.append(
-            f"{name} = {left} {op} {right} ; {left} := {value[left]} {right} := {value[right]} {name} := {value[name]} ;"
+            f"{name} {op} {left} {right} ; {left} := {value[left]} {right} := {value[right]} {name} := {value[name]} ;"
         )
     last = names[-1]
     answer = str(value[last])
@@ -69,6 +74,6 @@ def resolve(difficulty: str, knobs: dict) -> VariablesParams:
         raise ValueError(f"bad variables parameters {params}")
     if params.constants < 2 and params.statements > params.constants:
         raise ValueError("variables needs at least two constants to draw two distinct operands")
-    if not params.ops or any(op not in OPS for op in params.ops):
-        raise ValueError(f"unknown operator in {params.ops!r}")
+    if isinstance(params.ops, str) or not params.ops or any(op not in OPS for op in params.ops):
+        raise ValueError(f"operators must be a tuple of {sorted(OPS)}, got {params.ops!r}")
     return params

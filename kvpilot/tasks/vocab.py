@@ -28,7 +28,7 @@ STRUCTURAL = [
     "Q:", "start", "hops", "report", "end", "and", "color", "of", "<call>", "</call>", "<tool>", "</tool>", "->",
     "error",
     # variables
-    "V:", "=", ":=", "+", "-", "*", "ask",
+    "V:", "=", ":=", "sum", "diff", "prod", "ask",
     # graph
     "G:", "steps", "walk",
 ]

@@ -1,0 +1,1 @@
+"""Training and quick evaluation of the bundled reasoning model (`kvpilot train-model`)."""
