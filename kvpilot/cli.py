@@ -154,14 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("policies", help="list the KV policies")
     p.set_defaults(func=cmd_policies)
 
-    try:
-        from kvpilot.training import train_model
-    except ImportError:
-        train_model = None
-    if train_model is not None:
-        p = sub.add_parser("train-model", help="train the bundled reasoning model from a seed")
-        train_model.add_arguments(p)
-        p.set_defaults(func=cmd_train_model)
+    from kvpilot.training import train_model
+
+    p = sub.add_parser("train-model", help="train the bundled reasoning model from a seed")
+    train_model.add_arguments(p)
+    p.set_defaults(func=cmd_train_model)
     return parser
 
 

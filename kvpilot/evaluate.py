@@ -17,7 +17,9 @@ from decoder_service.requests import CompressionConfig, RequestError
 from kvpilot.agent import EpisodeResult, EpisodeRunner
 from kvpilot.tasks import DIFFICULTIES, TASKS, make_episode
 
-EVAL_SEED_OFFSET = 1_000_000  # evaluation episodes never overlap the training seeds (0 .. < 1e6)
+# Held-out episodes use seeds 0 .. < 1e6; the training script draws its episodes from seeds >= 1e6
+# (kvpilot.training.train_model.TRAIN_SEED_BASE), so evaluation never sees a training episode.
+EVAL_SEED_OFFSET = 0
 
 
 @dataclass

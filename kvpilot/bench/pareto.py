@@ -1,18 +1,21 @@
 """Accuracy vs KV budget for every policy on the bundled tasks (also `kvpilot bench pareto`).
 
     python benchmarks/pareto.py [--tasks multihop variables graph] [--n 50] [--fracs 0.1 0.25 0.5 0.75]
+    python benchmarks/pareto.py --from-csv a/pareto.csv b/pareto.csv     (tables + plot of finished runs)
 
 Budgets are fractions of each task's mean reference sequence length (what a full cache holds at the end of an
 episode). Every policy runs the same episodes through the real engine with greedy decoding; the full cache
 is the reference line. Writes benchmarks/results/pareto.csv, pareto.png (one panel per task) and
 pareto_auc.csv: the area under the accuracy-budget curve per policy and task, normalised to the fraction
-range (1.0 = full accuracy at every budget).
+range (1.0 = full accuracy at every budget). pareto.csv is rewritten after every finished run, so an
+interrupted sweep keeps what it measured; sweeps split over processes (e.g. one task each, with --out) are
+joined with --from-csv.
 """
 from __future__ import annotations
 
 import argparse
 import csv
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 from rich.console import Console
@@ -20,7 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from decoder_service.runtime import add_runtime_arguments, build_engine, runtime_options
-from kvpilot.evaluate import compression_for, episodes_for, evaluate, mean_reference_tokens
+from kvpilot.evaluate import EvalRow, compression_for, episodes_for, evaluate, mean_reference_tokens
 from policy_service.registry import available_policies
 
 RESULTS = Path("benchmarks") / "results"
@@ -45,10 +48,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--window", type=int, default=8)
     p.add_argument("--sinks", type=int, default=4)
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--from-csv", type=Path, nargs="+", metavar="CSV",
+                   help="skip running: join these pareto.csv files and write the AUC table and plot to --out")
 
 
 def run(args) -> int:
     console = Console()
+    if args.from_csv:
+        rows = [row for path in args.from_csv for row in read_rows(path)]
+        fracs = sorted({r.budget_frac for r in rows if r.policy != "full"})
+        return report(console, rows, fracs, args.out)
+    args.out.mkdir(parents=True, exist_ok=True)
     engine = build_engine(runtime_options(args))
     rows = []
     jobs = [(t, p, f) for t in args.tasks for p in args.policies for f in args.fracs]
@@ -62,6 +72,7 @@ def run(args) -> int:
             row, _ = evaluate(engine, task, episodes, compression_for("full", 0), 1.0,
                               progress=lambda d: progress.update(bar, completed=d))
             rows.append(row)
+            write_csv(args.out / "pareto.csv", [asdict(r) for r in rows])
             progress.remove_task(bar)
             progress.advance(overall)
             for policy in args.policies:
@@ -72,16 +83,28 @@ def run(args) -> int:
                     row, _ = evaluate(engine, task, episodes, compression, frac,
                                       progress=lambda d, b=bar: progress.update(b, completed=d))
                     rows.append(row)
+                    write_csv(args.out / "pareto.csv", [asdict(r) for r in rows])
                     progress.remove_task(bar)
                     progress.advance(overall)
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_csv(args.out / "pareto.csv", [asdict(r) for r in rows])
-    aucs = auc_table(rows, args.fracs)
-    write_csv(args.out / "pareto_auc.csv", aucs)
-    plot(rows, args.out / "pareto.png")
-    show(console, rows, aucs, args.fracs)
-    console.print(f"wrote {args.out / 'pareto.csv'}, {args.out / 'pareto_auc.csv'}, {args.out / 'pareto.png'}")
+    return report(console, rows, args.fracs, args.out)
+
+
+def report(console: Console, rows: list[EvalRow], fracs: list[float], out: Path) -> int:
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv(out / "pareto.csv", [asdict(r) for r in rows])
+    aucs = auc_table(rows, fracs)
+    write_csv(out / "pareto_auc.csv", aucs)
+    plot(rows, out / "pareto.png")
+    show(console, rows, aucs, fracs)
+    console.print(f"wrote {out / 'pareto.csv'}, {out / 'pareto_auc.csv'}, {out / 'pareto.png'}")
     return 0
+
+
+def read_rows(path: Path) -> list[EvalRow]:
+    """EvalRows back from a pareto.csv (fields converted with the dataclass's annotations)."""
+    types = {f.name: {"int": int, "float": float}.get(f.type, str) for f in fields(EvalRow)}
+    with path.open(newline="") as f:
+        return [EvalRow(**{k: types[k](v) for k, v in record.items()}) for record in csv.DictReader(f)]
 
 
 def auc_table(rows, fracs) -> list[dict]:
