@@ -7,6 +7,7 @@ import torch
 
 from decoder_service.checkpoint import load_checkpoint
 from kvpilot.tasks.vocab import PAD, token_ids
+from kvpilot import cli
 from kvpilot.training import train_model
 
 TINY = ["--hidden", "32", "--heads", "2", "--kv-heads", "2", "--intermediate", "64", "--layers", "2",
@@ -39,7 +40,8 @@ def test_batches_are_a_pure_function_of_seed_and_step():
 
 def test_resume_continues_the_same_run_exactly(tmp_path):
     straight, split = tmp_path / "straight", tmp_path / "split"
-    assert train_model.run(parse("--steps", "4", "--out", str(straight))) == 0
+    # The straight run goes through `kvpilot train-model` itself (its arguments carry the CLI's handler).
+    assert cli.main(["train-model", *TINY, "--steps", "4", "--out", str(straight)]) == 0
     # Same run cut after 2 steps (the time limit stops it at once) and resumed: identical weights.
     assert train_model.run(parse("--steps", "4", "--out", str(split), "--time-limit-minutes", "0")) == 0
     assert torch.load(split / "state.pt", weights_only=False)["step"] == 1
@@ -50,6 +52,8 @@ def test_resume_continues_the_same_run_exactly(tmp_path):
     for name, tensor in a["model"].items():
         torch.testing.assert_close(b["model"][name], tensor, rtol=0, atol=0, msg=name)
 
+    recorded = json.loads((straight / "args.json").read_text())
+    assert recorded["steps"] == 4 and "func" not in recorded
     exported = load_checkpoint(straight / "model")
     assert exported.config.hidden_size == 32 and exported.tokenizer.vocab_size == exported.config.vocab_size
     summary = json.loads((straight / "model" / "training.json").read_text())

@@ -321,7 +321,7 @@ def hold_lookback_heads(model: Transformer, heads: int = 2) -> None:
 def save_state(path: Path, model, optimizer, step: int, elapsed: float, eval_seconds: float, args) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                "elapsed": elapsed, "eval_seconds": eval_seconds, "args": vars(args)}, tmp)
+                "elapsed": elapsed, "eval_seconds": eval_seconds, "args": jsonable(vars(args))}, tmp)
     os.replace(tmp, path)  # atomic: a crash mid-write never leaves a broken checkpoint
 
 
@@ -339,6 +339,14 @@ def evaluate(model, tokenizer, tasks: list[str], episodes: int, world: int, diff
     if world > 1:
         dist.all_reduce(counts)
     return {task: round(float(c) / episodes, 4) for task, c in zip(tasks, counts)}
+
+
+def accuracy_history(out: Path) -> list[dict]:
+    """The periodic held-out checks from history.jsonl (step, minutes, loss, accuracy per task)."""
+    path = out / "history.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return [{k: r[k] for k in ("step", "minutes", "loss", "accuracy_default")} for r in records
+            if "accuracy_default" in r]
 
 
 def log(out: Path, record: dict) -> None:
@@ -463,7 +471,8 @@ def barrier(world: int) -> None:
 
 
 def jsonable(d: dict) -> dict:
-    return {k: str(v) if isinstance(v, Path) else v for k, v in d.items()}
+    """The run's arguments as JSON (paths as strings; the CLI's handler function left out)."""
+    return {k: str(v) if isinstance(v, Path) else v for k, v in d.items() if not callable(v)}
 
 
 def finish(model, tokenizer, tokenizer_path: Path, tasks: list[str], args, step: int, elapsed: float,
@@ -492,6 +501,7 @@ def finish(model, tokenizer, tokenizer_path: Path, tasks: list[str], args, step:
             "multihop_default_sink4_window25": window.get("multihop"),
             "final_eval_minutes": round((time.monotonic() - started) / 60, 1),
         },
+        "accuracy_history": accuracy_history(args.out),
     }
     if dist.is_initialized() and dist.get_rank() != 0:
         return summary
