@@ -64,12 +64,11 @@ def stop_criteria(episode: Episode, tokenizer) -> tuple[list[int], list[str]]:
 class EpisodeRunner:
     """Drives episodes on an in-process engine, all concurrently."""
 
-    def __init__(self, engine: Engine, compression: CompressionConfig | None = None, max_turn_tokens: int = 96,
-                 max_turns: int = 32, temperature: float = 0.0, seed: int = 0):
+    def __init__(self, engine: Engine, compression: CompressionConfig | None = None, max_turns: int = 32,
+                 temperature: float = 0.0, seed: int = 0):
         self.engine = engine
         self.tokenizer = engine.tokenizer
         self.compression = compression or CompressionConfig()
-        self.max_turn_tokens = max_turn_tokens
         self.max_turns = max_turns
         self.temperature = temperature
         self.seed = seed
@@ -93,12 +92,13 @@ class EpisodeRunner:
         episode = result.episode
         stop_ids, stop_strings = stop_criteria(episode, self.tokenizer)
         room = self.engine.model_config.max_position_embeddings - result.total_tokens - len(input_ids) - 2
+        allowance = episode.generation_limit - result.generated_tokens
         session_id = f"episode-{index}-{id(self)}"
         request = GenerationRequest(
             request_id=f"{session_id}-t{result.turns}",
             input_ids=input_ids,
             sampling=SamplingParams(temperature=self.temperature, seed=self.seed + 1000 * index + result.turns,
-                                    max_new_tokens=max(1, min(self.max_turn_tokens, room)),
+                                    max_new_tokens=max(1, min(allowance, room)),
                                     stop_token_ids=stop_ids, stop=stop_strings),
             compression=self.compression,
             session_id=session_id,
@@ -118,7 +118,8 @@ class EpisodeRunner:
         session = self.engine.store.get(session_id)
         result.total_tokens = len(session.token_ids) if session else result.total_tokens
         reply = None
-        if event.finish_reason is FinishReason.STOP and result.turns < self.max_turns:
+        if (event.finish_reason is FinishReason.STOP and result.turns < self.max_turns
+                and result.generated_tokens < result.episode.generation_limit):
             reply = result.episode.tool_response(event.text)
         context = self.engine.model_config.max_position_embeddings
         if reply is not None:
@@ -133,7 +134,7 @@ class EpisodeRunner:
 
 
 def run_episode_grpc(stub, episode: Episode, tokenizer, out: TextIO = sys.stdout, policy: str = "", budget: int = 0,
-                     max_turn_tokens: int = 96, max_turns: int = 32, interval: int | None = None,
+                     max_turns: int = 32, interval: int | None = None,
                      window: int | None = None) -> EpisodeResult:
     """One episode over gRPC with streaming output: the model's turns as they stream, tool outputs dimmed."""
     from kvpilot.client import build_request
@@ -144,7 +145,8 @@ def run_episode_grpc(stub, episode: Episode, tokenizer, out: TextIO = sys.stdout
     session_id = ""
     text_in, tool = episode.prompt, False
     while True:
-        request = build_request(text_in, max_new_tokens=max_turn_tokens, temperature=0.0, stop=stop_strings,
+        allowance = episode.generation_limit - result.generated_tokens
+        request = build_request(text_in, max_new_tokens=allowance, temperature=0.0, stop=stop_strings,
                                 stop_token_ids=stop_ids, policy=policy, budget=budget, interval=interval,
                                 window=window, session_id=session_id, new_session=not session_id, tool_output=tool)
         complete = None
@@ -161,7 +163,7 @@ def run_episode_grpc(stub, episode: Episode, tokenizer, out: TextIO = sys.stdout
         session_id = complete.session_id
         result.add_turn(complete.text, complete.usage)
         reply = episode.tool_response(complete.text) if complete.finish_reason == pb.FINISH_REASON_STOP else None
-        if reply is None or result.turns >= max_turns:
+        if reply is None or result.turns >= max_turns or result.generated_tokens >= episode.generation_limit:
             break
         out.write(f"\n  \033[2m{reply}\033[0m\n")
         text_in, tool = reply, True

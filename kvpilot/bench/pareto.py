@@ -5,7 +5,7 @@
 
 Budgets are fractions of each task's mean reference sequence length (what a full cache holds at the end of an
 episode). Every policy runs the same episodes through the real engine with greedy decoding; the full cache
-is the reference line. Writes benchmarks/results/pareto.csv, pareto.png (one panel per task) and
+is the reference line. Writes benchmarks/results/pareto.csv, pareto.png (one panel per task and difficulty) and
 pareto_auc.csv: the area under the accuracy-budget curve per policy and task, normalised to the fraction
 range (1.0 = full accuracy at every budget). pareto.csv is rewritten after every finished run, so an
 interrupted sweep keeps what it measured; sweeps split over processes (e.g. one task each, with --out) are
@@ -107,12 +107,17 @@ def read_rows(path: Path) -> list[EvalRow]:
         return [EvalRow(**{k: types[k](v) for k, v in record.items()}) for record in csv.DictReader(f)]
 
 
+def panel(row: EvalRow) -> str:
+    """What one table / plot panel shows: a task at one difficulty ("multihop", "multihop/hard")."""
+    return row.task if row.difficulty == "default" else f"{row.task}/{row.difficulty}"
+
+
 def auc_table(rows, fracs) -> list[dict]:
     out = []
-    for task in dict.fromkeys(r.task for r in rows):
-        full = next(r.accuracy for r in rows if r.task == task and r.policy == "full")
-        for policy in dict.fromkeys(r.policy for r in rows if r.task == task and r.policy != "full"):
-            points = [(r.budget_frac, r.accuracy) for r in rows if r.task == task and r.policy == policy]
+    for task in dict.fromkeys(panel(r) for r in rows):
+        full = next(r.accuracy for r in rows if panel(r) == task and r.policy == "full")
+        for policy in dict.fromkeys(r.policy for r in rows if panel(r) == task and r.policy != "full"):
+            points = [(r.budget_frac, r.accuracy) for r in rows if panel(r) == task and r.policy == policy]
             out.append(dict(task=task, policy=policy, auc=round(area_under_curve(*zip(*points)), 4), full_accuracy=full))
     return out
 
@@ -125,8 +130,8 @@ def write_csv(path: Path, rows: list[dict]) -> None:
 
 
 def show(console: Console, rows, aucs, fracs) -> None:
-    for task in dict.fromkeys(r.task for r in rows):
-        full = next(r for r in rows if r.task == task and r.policy == "full")
+    for task in dict.fromkeys(panel(r) for r in rows):
+        full = next(r for r in rows if panel(r) == task and r.policy == "full")
         table = Table(title=f"{task}: accuracy by budget (full cache {full.accuracy:.0%}, "
                             f"mean sequence {full.mean_trace_tokens:.0f} tokens)")
         table.add_column("policy")
@@ -134,7 +139,7 @@ def show(console: Console, rows, aucs, fracs) -> None:
             table.add_column(f"{f:.0%}", justify="right")
         table.add_column("AUC", justify="right")
         for a in sorted((a for a in aucs if a["task"] == task), key=lambda a: -a["auc"]):
-            accs = {r.budget_frac: r.accuracy for r in rows if r.task == task and r.policy == a["policy"]}
+            accs = {r.budget_frac: r.accuracy for r in rows if panel(r) == task and r.policy == a["policy"]}
             table.add_row(a["policy"], *[f"{accs[f]:.0%}" for f in fracs], f"{a['auc']:.3f}")
         console.print(table)
 
@@ -145,13 +150,13 @@ def plot(rows, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tasks = list(dict.fromkeys(r.task for r in rows))
+    tasks = list(dict.fromkeys(panel(r) for r in rows))
     fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4.2), squeeze=False)
     for ax, task in zip(axes[0], tasks):
-        full = next(r for r in rows if r.task == task and r.policy == "full")
+        full = next(r for r in rows if panel(r) == task and r.policy == "full")
         ax.axhline(full.accuracy, color="black", linestyle="--", label="full cache")
-        for policy in dict.fromkeys(r.policy for r in rows if r.task == task and r.policy != "full"):
-            pts = sorted((r.budget_frac, r.accuracy) for r in rows if r.task == task and r.policy == policy)
+        for policy in dict.fromkeys(r.policy for r in rows if panel(r) == task and r.policy != "full"):
+            pts = sorted((r.budget_frac, r.accuracy) for r in rows if panel(r) == task and r.policy == policy)
             ax.plot(*zip(*pts), marker="o", label=policy)
         ax.set_title(f"{task} (mean {full.mean_trace_tokens:.0f} tokens)")
         ax.set_xlabel("KV budget / mean sequence length")

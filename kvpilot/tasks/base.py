@@ -40,6 +40,13 @@ class Episode:
     answer: str
     stop_strings: list[str]
 
+    @property
+    def generation_limit(self) -> int:
+        """Tokens the model may write over the whole episode: twice the reference trace, plus slack. Every
+        runner (quick_eval, the engine's EpisodeRunner, gRPC) stops there, so a model that loops after losing
+        its context costs bounded time (the tokenizer is word-level: one word, one token)."""
+        return 2 * sum(len(text.split()) for role, text in self.reference if role == "model") + 16
+
     def tool_response(self, model_turn_text: str) -> str | None:
         """The environment's reply to one model turn; None when the turn is final. Single-pass tasks: always None."""
         return None

@@ -94,8 +94,7 @@ def run_episode(
 ) -> EpisodeResult:
     eos_ids = set(tokenizer.eos_token_ids) or {tokenizer.token_to_id(EOS_WORD)}
     if max_new_tokens is None:
-        reference_words = sum(len(text.split()) for role, text in episode.reference if role == "model")
-        max_new_tokens = 2 * reference_words + 16
+        max_new_tokens = episode.generation_limit
     cache = CachedAttention(model.config.num_layers, window)
     position = 0
 

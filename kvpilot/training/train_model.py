@@ -4,9 +4,9 @@
     python -m kvpilot.training.train_model ...   (same)
 
 Recipe (the defaults): a 4-layer, width-192 Llama (`decoder_service.model.Transformer`, 1.9 M parameters)
-trained with AdamW (warmup + cosine) for 5,000 steps of 4,096 tokens (about 55 minutes on 2 CPU cores; see
+trained with AdamW (warmup + cosine) for 5,000 steps of 4,096 tokens (37 minutes on 2 CPU cores here; see
 benchmarks/results/train_model.md for the committed model's exact history). The loss covers model-written
-tokens only (prompt and tool outputs are masked). Three things make it learn on a 2-core CPU in about an hour:
+tokens only (prompt and tool outputs are masked). Three things make it learn on a 2-core CPU in under an hour:
   * two layer-0 heads start as look-back heads (previous token, two back) and are held for the first steps
     (`init_lookback_heads`): the seed of the induction heads every lookup needs;
   * the first steps train on copying drills only, and lookup drills stay in the mix for a while
