@@ -41,7 +41,8 @@ def test_batches_are_a_pure_function_of_seed_and_step():
 def test_resume_continues_the_same_run_exactly(tmp_path):
     straight, split = tmp_path / "straight", tmp_path / "split"
     # The straight run goes through `kvpilot train-model` itself (its arguments carry the CLI's handler).
-    assert cli.main(["train-model", *TINY, "--steps", "4", "--out", str(straight)]) == 0
+    # It also runs a held-out check at step 2 (evaluation must not disturb the run).
+    assert cli.main(["train-model", *TINY, "--steps", "4", "--eval-every", "2", "--out", str(straight)]) == 0
     # Same run cut after 2 steps (the time limit stops it at once) and resumed: identical weights.
     assert train_model.run(parse("--steps", "4", "--out", str(split), "--time-limit-minutes", "0")) == 0
     assert torch.load(split / "state.pt", weights_only=False)["step"] == 1
@@ -58,3 +59,5 @@ def test_resume_continues_the_same_run_exactly(tmp_path):
     assert exported.config.hidden_size == 32 and exported.tokenizer.vocab_size == exported.config.vocab_size
     summary = json.loads((straight / "model" / "training.json").read_text())
     assert summary["steps"] == 4 and set(summary["eval"]["default_full_cache"]) == {"multihop", "variables", "graph"}
+    assert [h["step"] for h in summary["accuracy_history"]] == [2, 4]
+    assert set(summary["accuracy_history"][0]["accuracy_default"]) == {"multihop", "variables", "graph"}
