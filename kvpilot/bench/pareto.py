@@ -54,11 +54,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     console = Console()
+    args.out.mkdir(parents=True, exist_ok=True)
     if args.from_csv:
         rows = [row for path in args.from_csv for row in read_rows(path)]
         fracs = sorted({r.budget_frac for r in rows if r.policy != "full"})
         return report(console, rows, fracs, args.out)
-    args.out.mkdir(parents=True, exist_ok=True)
     engine = build_engine(runtime_options(args))
     rows = []
     jobs = [(t, p, f) for t in args.tasks for p in args.policies for f in args.fracs]
@@ -90,7 +90,6 @@ def run(args) -> int:
 
 
 def report(console: Console, rows: list[EvalRow], fracs: list[float], out: Path) -> int:
-    out.mkdir(parents=True, exist_ok=True)
     write_csv(out / "pareto.csv", [asdict(r) for r in rows])
     aucs = auc_table(rows, fracs)
     write_csv(out / "pareto_auc.csv", aucs)
@@ -107,18 +106,31 @@ def read_rows(path: Path) -> list[EvalRow]:
         return [EvalRow(**{k: types[k](v) for k, v in record.items()}) for record in csv.DictReader(f)]
 
 
-def panel(row: EvalRow) -> str:
-    """What one table / plot panel shows: a task at one difficulty ("multihop", "multihop/hard")."""
-    return row.task if row.difficulty == "default" else f"{row.task}/{row.difficulty}"
+def panels(rows: list[EvalRow]) -> dict[str, tuple[EvalRow, dict[str, list[EvalRow]]]]:
+    """Rows by table / plot panel, a task at one difficulty ("multihop", "multihop/hard"): the panel's
+    full-cache row and each policy's rows, in the order they were run."""
+    full: dict[str, EvalRow] = {}
+    by_panel: dict[str, dict[str, list[EvalRow]]] = {}
+    for r in rows:
+        name = r.task if r.difficulty == "default" else f"{r.task}/{r.difficulty}"
+        policies = by_panel.setdefault(name, {})
+        if r.policy == "full":
+            full[name] = r
+        else:
+            policies.setdefault(r.policy, []).append(r)
+    missing = [name for name in by_panel if name not in full]
+    if missing:
+        raise ValueError(f"no full-cache row for {missing}: every panel needs its reference run")
+    return {name: (full[name], policies) for name, policies in by_panel.items()}
 
 
 def auc_table(rows, fracs) -> list[dict]:
     out = []
-    for task in dict.fromkeys(panel(r) for r in rows):
-        full = next(r.accuracy for r in rows if panel(r) == task and r.policy == "full")
-        for policy in dict.fromkeys(r.policy for r in rows if panel(r) == task and r.policy != "full"):
-            points = [(r.budget_frac, r.accuracy) for r in rows if panel(r) == task and r.policy == policy]
-            out.append(dict(task=task, policy=policy, auc=round(area_under_curve(*zip(*points)), 4), full_accuracy=full))
+    for task, (full, by_policy) in panels(rows).items():
+        for policy, runs in by_policy.items():
+            points = [(r.budget_frac, r.accuracy) for r in runs]
+            out.append(dict(task=task, policy=policy, auc=round(area_under_curve(*zip(*points)), 4),
+                            full_accuracy=full.accuracy))
     return out
 
 
@@ -130,8 +142,8 @@ def write_csv(path: Path, rows: list[dict]) -> None:
 
 
 def show(console: Console, rows, aucs, fracs) -> None:
-    for task in dict.fromkeys(panel(r) for r in rows):
-        full = next(r for r in rows if panel(r) == task and r.policy == "full")
+    grouped = panels(rows)
+    for task, (full, by_policy) in grouped.items():
         table = Table(title=f"{task}: accuracy by budget (full cache {full.accuracy:.0%}, "
                             f"mean sequence {full.mean_trace_tokens:.0f} tokens)")
         table.add_column("policy")
@@ -139,7 +151,7 @@ def show(console: Console, rows, aucs, fracs) -> None:
             table.add_column(f"{f:.0%}", justify="right")
         table.add_column("AUC", justify="right")
         for a in sorted((a for a in aucs if a["task"] == task), key=lambda a: -a["auc"]):
-            accs = {r.budget_frac: r.accuracy for r in rows if panel(r) == task and r.policy == a["policy"]}
+            accs = {r.budget_frac: r.accuracy for r in by_policy[a["policy"]]}
             table.add_row(a["policy"], *[f"{accs[f]:.0%}" for f in fracs], f"{a['auc']:.3f}")
         console.print(table)
 
@@ -150,13 +162,12 @@ def plot(rows, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tasks = list(dict.fromkeys(panel(r) for r in rows))
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4.2), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
-        full = next(r for r in rows if panel(r) == task and r.policy == "full")
+    grouped = panels(rows)
+    fig, axes = plt.subplots(1, len(grouped), figsize=(5.5 * len(grouped), 4.2), squeeze=False)
+    for ax, (task, (full, by_policy)) in zip(axes[0], grouped.items()):
         ax.axhline(full.accuracy, color="black", linestyle="--", label="full cache")
-        for policy in dict.fromkeys(r.policy for r in rows if panel(r) == task and r.policy != "full"):
-            pts = sorted((r.budget_frac, r.accuracy) for r in rows if panel(r) == task and r.policy == policy)
+        for policy, runs in by_policy.items():
+            pts = sorted((r.budget_frac, r.accuracy) for r in runs)
             ax.plot(*zip(*pts), marker="o", label=policy)
         ax.set_title(f"{task} (mean {full.mean_trace_tokens:.0f} tokens)")
         ax.set_xlabel("KV budget / mean sequence length")

@@ -3,7 +3,8 @@
 It runs one episode at a time around `Transformer` with a plain growing KV cache: prefill the prompt,
 decode greedily, and when the model's turn ends on a stop string (`</call>`) append the environment's
 `tool_response` and keep going, until `<eos>` or a token limit. Used for accuracy checks during training and
-in the bundled-model test; the engine-based harness is the reference for policy comparisons.
+in the bundled-model test; the engine-based harness is the reference for policy comparisons. Both return
+kvpilot.agent's EpisodeResult, so their outcomes compare field by field.
 
 `window` simulates a StreamingLLM cache (attention sinks + a recent window) with an attention mask:
 every query, prompt and tool tokens included, sees only the first `sinks` positions and the most recent
@@ -20,6 +21,7 @@ from torch import Tensor
 
 from decoder_service.model import Transformer
 from decoder_service.tokenizer import TextTokenizer
+from kvpilot.agent import EpisodeResult
 from kvpilot.tasks import Episode, make_episode
 
 EOS_WORD = "<eos>"
@@ -76,14 +78,6 @@ class CachedAttention:
         return out.transpose(1, 2)
 
 
-@dataclass
-class EpisodeResult:
-    text: str  # everything the model wrote (tool outputs excluded)
-    correct: bool
-    generated: int  # model tokens
-    total: int  # all tokens in context at the end
-
-
 @torch.no_grad()
 def run_episode(
     model: Transformer,
@@ -109,6 +103,7 @@ def run_episode(
     logits = feed(tokenizer.encode(episode.prompt, add_bos=True))
     words: list[str] = []
     turn: list[str] = []
+    turns = 1
     for _ in range(max_new_tokens):
         token = int(logits.argmax())
         if token in eos_ids:
@@ -121,14 +116,17 @@ def run_episode(
             reply = episode.tool_response(turn_text)
             turn = []
             if reply is not None:
+                turns += 1
                 logits = feed([token] + tokenizer.encode(reply))
                 continue
         logits = feed([token])
     text = " ".join(words)
-    return EpisodeResult(text=text, correct=episode.is_correct(text), generated=len(words), total=position)
+    return EpisodeResult(episode, text=text, correct=episode.is_correct(text),
+                         answered=episode.extract_answer(text) is not None, turns=turns, total_tokens=position,
+                         generated_tokens=len(words))
 
 
-def accuracy(
+def count_correct(
     model: Transformer,
     tokenizer: TextTokenizer,
     task: str,
@@ -136,11 +134,11 @@ def accuracy(
     difficulty: str = "default",
     window_fraction: float | None = None,
     sinks: int = 4,
-) -> float:
-    """Greedy exact-match rate over the given seeds."""
+) -> int:
+    """Greedy exact matches over the given seeds."""
     correct = 0
     for seed in seeds:
         episode = make_episode(task, seed, difficulty)
         window = Window.fraction_of(episode, window_fraction, sinks) if window_fraction is not None else None
         correct += run_episode(model, tokenizer, episode, window).correct
-    return correct / max(1, len(seeds))
+    return correct

@@ -331,8 +331,7 @@ def evaluate(model, tokenizer, tasks: list[str], episodes: int, world: int, diff
     rank = dist.get_rank() if world > 1 else 0
     model.eval()
     counts = torch.tensor([
-        quick_eval.accuracy(model, tokenizer, task, range(rank, episodes, world), difficulty, window_fraction)
-        * len(range(rank, episodes, world))
+        quick_eval.count_correct(model, tokenizer, task, range(rank, episodes, world), difficulty, window_fraction)
         for task in tasks
     ], dtype=torch.float64)
     model.train()
