@@ -11,11 +11,12 @@ import concurrent.futures
 import logging
 import queue
 import threading
+import time
 import uuid
 from typing import AsyncIterator, Callable, TypeVar
 
 from decoder_service.engine import Engine
-from decoder_service.requests import Event, FinishEvent, GenerationRequest
+from decoder_service.requests import Event, FinishEvent, GenerationRequest, InternalError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -27,6 +28,7 @@ class AsyncEngine:
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._stopped = False
+        self.step_failures = 0
         if hasattr(engine.compressor.policy, "on_result"):
             engine.compressor.policy.on_result = self._wake.set  # a remote decision wakes a waiting engine
         self._thread = threading.Thread(target=self._run, name="kvpilot-engine", daemon=True)
@@ -34,18 +36,30 @@ class AsyncEngine:
 
     # ---- engine thread ------------------------------------------------------------------------------
     def _run(self) -> None:
+        last_sweep = time.monotonic()
         while not self._stopped:
             self._drain_commands()
             try:
                 worked = self.engine.step() if self.engine.has_work() else False
-            except Exception:  # a bug in a step must not take the server down: fail the batch, keep serving
-                log.exception("engine step failed; aborting the running requests")
+            except Exception as exc:
+                # The engine contains faults per sequence; reaching here is a bug outside that. End what was
+                # running with a status (never OK + ABORT), keep the waiting queue, keep serving.
+                self.step_failures += 1
+                log.exception("engine step failed; failing the running requests")
+                error = InternalError(f"engine step failed: {type(exc).__name__}: {exc}")
                 for seq in list(self.engine.running):
-                    self.engine.abort(seq.id)
+                    self.engine.fail(seq, error)
                 worked = False
+            if time.monotonic() - last_sweep >= 1.0:
+                self.engine.expire_sessions()  # idle servers too: an expired session's parked KV goes
+                last_sweep = time.monotonic()
             if not worked:
                 self._wake.wait(timeout=0.05)
                 self._wake.clear()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
 
     def _drain_commands(self) -> None:
         while True:
@@ -67,29 +81,43 @@ class AsyncEngine:
         self._wake.set()
         return await asyncio.wrap_future(future)
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[Event]:
-        """Submit a request and yield its events; the last one is a FinishEvent.
-
-        Request errors (RequestError) are raised before the first event. If the consumer stops early
-        (client cancelled), the request is aborted and its KV slots are freed."""
+    async def submit(self, request: GenerationRequest) -> AsyncIterator[Event]:
+        """Queue a request and return its event stream. Request errors (RequestError) are raised here, before
+        anything is queued. The stream's last event is a FinishEvent; a request that failed raises its error
+        (a RequestError with its gRPC code) instead. If the consumer stops early (client cancelled), the
+        request is aborted and its KV slots are freed."""
         if not request.request_id:
             request.request_id = uuid.uuid4().hex
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         emit = lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev)  # noqa: E731
         await self.call(lambda: self.engine.add_request(request, emit))
+        return self._events(request.request_id, events)
+
+    async def _events(self, request_id: str, events: asyncio.Queue) -> AsyncIterator[Event]:
         finished = False
         try:
             while True:
                 event = await events.get()
                 finished = isinstance(event, FinishEvent)
+                if finished and event.error is not None:
+                    raise event.error
                 yield event
                 if finished:
                     return
         finally:
             if not finished:
                 # Shielded: the abort must reach the engine even though this task is being cancelled.
-                await asyncio.shield(self.call(lambda: self.engine.abort(request.request_id)))
+                await asyncio.shield(self.call(lambda: self.engine.abort(request_id)))
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[Event]:
+        """submit() and iterate in one: yields the request's events."""
+        stream = await self.submit(request)
+        try:
+            async for event in stream:
+                yield event
+        finally:
+            await stream.aclose()
 
     def close(self) -> None:
         self._stopped = True

@@ -1,9 +1,10 @@
 """Decode-time compression: when to compress, how a frame becomes a decision, how a plan is applied.
 
-Cadence (DESIGN invariant 2): once a sequence holds >= budget slots it is compressed back to `budget` every
-`interval` new tokens (the cache oscillates between budget and budget + interval); while a long prompt is
-prefilled in chunks, it is compressed between chunks whenever the next chunk would not fit. Admission control
-reserved budget + interval + max_lag slots, so a sequence never holds more.
+Cadence (DESIGN invariants 2 and 10): a sequence is compressed back to `budget` whenever it holds
+budget + interval slots, in prefill and decode alike; the engine cuts prefill chunks at that point, so when a
+sequence compresses and over which slots depends on the sequence alone, never on what shares the step.
+Admission control reserved budget + interval + max_lag slots (the lag is a remote decision's slack), so a
+sequence never holds more.
 
 Two kinds of policy sit behind the same interface:
   in-process (`LocalPolicy`)  decides synchronously; the plan is applied in the same step;
@@ -11,8 +12,10 @@ Two kinds of policy sit behind the same interface:
                               the decision is applied when it arrives (invariant 5: slots appended since the
                               snapshot are kept; a decision more than `max_lag` of the sequence's steps old,
                               or for a superseded frame, is dropped and counted).
-Whenever no usable decision is there in time (service down, error, too late, invalid plan) the local fallback
-policy (default StreamingLLM) compresses instead, and that is counted, traced and reported (invariant 6).
+Whenever no usable decision is there in time (service down, error, too late, invalid plan, circuit open, no
+statistics yet) the local fallback policy (default StreamingLLM, which needs no statistics) compresses
+instead, and that is counted, traced and reported (invariant 6). A fault the fallback cannot absorb raises
+out of the hook; the engine ends that sequence alone (invariant 9).
 """
 from __future__ import annotations
 
@@ -23,7 +26,8 @@ from dataclasses import dataclass, field
 import torch
 
 import kernels
-from decoder_service.requests import EvictionEvent
+from decoder_service.circuit_breaker import CircuitBreaker
+from decoder_service.requests import EvictionEvent, InternalError
 from decoder_service.statistics import build_frame
 from kvpilot import telemetry
 from policy_service.frame import Decision, KeepSet, MergePlanSpec, Plan, SpanDrop, StatsFrame
@@ -72,12 +76,23 @@ def frame_seed(request_seed: int, frame_id: int) -> int:
     return (request_seed * 1_000_003 + frame_id * 7919 + 1) % (2**63)
 
 
+def fallback_scorer(name: str) -> Scorer:
+    """The local fallback must work from the cache alone: it runs exactly when statistics may be missing."""
+    scorer = make_scorer(name)
+    if scorer.spec().names:
+        raise ValueError(f"fallback policy {name!r} needs statistics {sorted(scorer.spec().names)}; choose one that "
+                         "needs none (streaming_llm, random)")
+    return scorer
+
+
 class Compressor:
-    def __init__(self, policy=None, fallback: str = "streaming_llm", decision_timeout_s: float = 2.0, metrics=None):
+    def __init__(self, policy=None, fallback: str = "streaming_llm", decision_timeout_s: float = 2.0, metrics=None,
+                 breaker: CircuitBreaker | None = None):
         self.policy = policy or LocalPolicy()
-        self.fallback = make_scorer(fallback)
+        self.fallback = fallback_scorer(fallback)
         self.decision_timeout_s = decision_timeout_s  # a stalled sequence waits at most this long
         self.metrics = metrics
+        self.breaker = breaker or CircuitBreaker(on_change=self._breaker_changed)
 
     def __call__(self, engine, seq) -> None:
         c = seq.request.compression
@@ -90,10 +105,19 @@ class Compressor:
                 return
         if not self.due(engine, seq):
             return
+        if seq.stats is not None and not seq.stats.ready:
+            self.apply_fallback(engine, seq, None, None, reason="no statistics yet (no query observed)")
+            return
         frame, span = self.snapshot(engine, seq)
         if getattr(self.policy, "asynchronous", False):
-            key = self.policy.submit(frame, seq.scorer, c.policy, c.params, telemetry.inject(span))
+            if not self.breaker.allow():
+                self.apply_fallback(engine, seq, frame, span, reason=f"policy circuit open after "
+                                    f"{self.breaker.consecutive_failures} failures; probing again in "
+                                    f"{self.breaker.retry_in_s():.1f} s")
+                return
+            key = self.policy.submit(frame, seq.scorer, c.policy, c.params, telemetry.inject(span), request_id=seq.id)
             if key is None:
+                self.breaker.failure()
                 self.apply_fallback(engine, seq, frame, span, reason="policy service unavailable")
                 return
             state.pending = PendingFrame(frame, key, span, time.monotonic(), seq.steps)
@@ -106,6 +130,20 @@ class Compressor:
             return
         self.apply_or_fallback(engine, seq, frame, decision, span)
 
+    def release(self, seq, reason: str) -> None:
+        """The sequence is retiring: forget its decision in flight and close that frame's span (invariant 9)."""
+        pending = seq.compression_state.pending
+        if pending is None:
+            return
+        seq.compression_state.pending = None
+        forget = getattr(self.policy, "forget", None)
+        if forget is not None:
+            forget(pending.key)
+        if pending.span is not None:
+            telemetry.end_compaction_span(pending.span, slots_after=seq.kv.n if seq.kv is not None else 0, evicted=0,
+                                          merged=0, latency_s=0.0, staleness=0, fallback=False, dropped=True,
+                                          reason=reason)
+
     def blocked(self, seq) -> bool:
         """A sequence waiting for its decision without room (or with max_lag 0) is not scheduled."""
         pending = seq.compression_state.pending
@@ -113,11 +151,15 @@ class Compressor:
 
     def due(self, engine, seq) -> bool:
         c, kv = seq.request.compression, seq.kv
-        if kv.free_slots == 0:
-            return True
-        if seq.pending > 1:  # still prefilling: make room only when the next chunk would not fit
-            return kv.n > c.budget and kv.free_slots < min(seq.pending, engine.config.prefill_chunk)
-        return kv.n >= c.budget + c.interval
+        return kv.free_slots == 0 or kv.n >= c.budget + c.interval
+
+    def room(self, seq) -> int:
+        """Slots the sequence may fill before it must be compressed: the engine cuts prefill chunks here so the
+        compression points are a function of the sequence alone (invariant 10)."""
+        c, kv = seq.request.compression, seq.kv
+        if not c.bounded or seq.compression_state.pending is not None:
+            return kv.free_slots  # unbounded, or decoding into the lag slack while a decision is out
+        return max(0, min(kv.free_slots, c.budget + c.interval - kv.n))
 
     def resolve_pending(self, engine, seq) -> None:
         """Apply an arrived decision; or, once it is too late, give up on it and fall back.
@@ -137,6 +179,7 @@ class Compressor:
             state.pending = None
             seq.usage.dropped_decisions += 1
             self._count("dropped")
+            self.breaker.failure()
             self.apply_fallback(engine, seq, pending.frame, pending.span,
                                 reason=f"no decision within {seq.request.compression.max_lag} steps"
                                        f" / {self.decision_timeout_s:.1f} s")
@@ -145,8 +188,10 @@ class Compressor:
         if self.metrics is not None:
             self.metrics.round_trip.record(time.monotonic() - pending.sent_at, {"kvpilot.policy": seq.scorer.name})
         if isinstance(result, Exception):
+            self.breaker.failure()
             self.apply_fallback(engine, seq, pending.frame, pending.span, reason=f"policy service: {result}")
             return
+        self.breaker.success()
         self.apply_or_fallback(engine, seq, pending.frame, result, pending.span)
 
     @torch.inference_mode()
@@ -259,22 +304,44 @@ class Compressor:
             raise ValueError(f"keep set names slots outside the frame's {frame.n}")
         return keep
 
-    def apply_fallback(self, engine, seq, frame: StatsFrame, span, reason: str) -> None:
-        """Compress with the local fallback policy on a fresh view of the cache (the frame may be stale)."""
+    def apply_fallback(self, engine, seq, frame: StatsFrame | None, span, reason: str) -> None:
+        """Compress with the local fallback policy on a fresh view of the cache (the frame may be stale).
+
+        If even that fails, the fault belongs to this sequence: it is raised as an InternalError and the engine
+        ends this request alone."""
         state = seq.compression_state
-        state.frame_step.pop(frame.frame_id, None)
-        state.frame_epoch.pop(frame.frame_id, None)
         c = seq.request.compression
-        fresh = StatsFrame(frame_id=frame.frame_id, session_id=frame.session_id, n=seq.kv.n, keep=c.budget,
-                           sinks=c.sinks, window=c.window, num_layers=frame.num_layers,
-                           num_kv_heads=frame.num_kv_heads, num_heads=frame.num_heads, step=len(seq.generated),
-                           seed=frame.seed)
-        decision = LocalPolicy().decide(fresh, self.fallback)
-        self.apply(engine, seq, fresh, decision, fallback=True, reason=reason, span=span)
+        if frame is not None:
+            state.frame_step.pop(frame.frame_id, None)
+            state.frame_epoch.pop(frame.frame_id, None)
+            frame_id, seed = frame.frame_id, frame.seed
+        else:
+            state.frames += 1
+            frame_id, seed = state.frames, frame_seed(seq.usage.seed, state.frames)
+        m = engine.model_config
+        fresh = StatsFrame(frame_id=frame_id, session_id=seq.session.id if seq.session else seq.id, n=seq.kv.n,
+                           keep=c.budget, sinks=c.sinks, window=c.window, num_layers=m.num_layers,
+                           num_kv_heads=m.num_kv_heads, num_heads=m.num_heads, step=len(seq.generated), seed=seed,
+                           device=seq.kv.k.device)
+        if span is None:
+            span = telemetry.start_compaction_span(seq.request.trace_parent, frame_id, self.fallback.name, fresh.n)
+        try:
+            decision = LocalPolicy().decide(fresh, self.fallback)
+            self.apply(engine, seq, fresh, decision, fallback=True, reason=reason, span=span)
+        except Exception as exc:
+            telemetry.end_compaction_span(span, slots_after=seq.kv.n, evicted=0, merged=0, latency_s=0.0, staleness=0,
+                                          fallback=True, dropped=True, reason=f"fallback failed: {exc}")
+            raise InternalError(f"KV compression failed ({reason}; the fallback policy {self.fallback.name!r} "
+                                f"failed too: {type(exc).__name__}: {exc})") from exc
 
     def _count(self, what: str) -> None:
         if self.metrics is not None and what == "dropped":
             self.metrics.dropped.add(1)
+
+    def _breaker_changed(self, old: str, new: str) -> None:
+        log.warning("policy circuit %s -> %s", old, new)
+        if self.metrics is not None:
+            self.metrics.circuit.add(1, {"kvpilot.circuit.state": new})
 
 
 def with_new_slots(keep: torch.Tensor, frame_n: int, n: int) -> torch.Tensor:

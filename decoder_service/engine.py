@@ -1,18 +1,28 @@
 """The engine: continuous batching over the KV pool.
 
 One `step()`:
-  1. apply aborts, admit waiting requests while their KV footprint can be reserved (admission control),
+  1. end waiting requests past their deadline, admit waiting requests whose KV footprint (and statistics
+     memory) can be reserved now; a request that cannot be admitted yet does not hold up smaller ones behind
+     it, until it has waited `max_bypass_s` (then nothing overtakes it, so it cannot starve),
   2. schedule tokens: one decode token per running sequence, then prefill chunks up to the step's budget,
+     cut where the sequence's next compression is due (invariant 10),
   3. run the model once over all scheduled tokens (flattened), attention per sequence over its pool region,
   4. sample where a sequence has consumed all its known tokens, stream text, check stop conditions,
   5. run step hooks (compression lives there), retire finished sequences and free their slots.
+
+Containment (invariant 9): a fault that belongs to one sequence (a numeric blow-up in sampling, a scorer or
+kernel error, a failed allocation) ends that sequence alone through `fail()`, with a status and a message;
+a failing batched forward is retried sequence by sequence to find the one at fault. `_retire` is the one
+place where a sequence's region, statistics memory, decision in flight and spans are released.
 
 The engine is synchronous and single-threaded: `AsyncEngine` (async_engine.py) runs it on its own thread and
 feeds it requests from the gRPC event loop.
 """
 from __future__ import annotations
 
+import logging
 import random
+import re
 import time
 import uuid
 from collections import OrderedDict, deque
@@ -26,12 +36,19 @@ from decoder_service.compression import CompressionState, Compressor
 from decoder_service.checkpoint import LoadedModel
 from decoder_service.kv_pool import KVPool, PoolExhausted, SequenceKV
 from decoder_service.requests import (
+    MAX_STOP_STRING_CHARS,
+    MAX_STOP_STRINGS,
+    MAX_STOP_TOKEN_IDS,
+    MAX_TEMPERATURE,
     CompressionConfig,
+    DeadlineExceeded,
     Event,
     FinishEvent,
     FinishReason,
     GenerationRequest,
+    InternalError,
     InvalidRequest,
+    RequestError,
     ResourceExhausted,
     SegmentKind,
     SessionConflict,
@@ -41,10 +58,19 @@ from decoder_service.requests import (
 )
 from decoder_service.sampling import sample_token
 from decoder_service.sessions import InMemorySessionStore, Session
-from decoder_service.statistics import SequenceStatistics
+from decoder_service.statistics import SequenceStatistics, statistics_bytes
 from kvpilot.telemetry import DecoderMetrics
 from policy_service.registry import available_policies, make_scorer
 from policy_service.scorers.base import ParameterError, Scorer
+
+log = logging.getLogger(__name__)
+# Client-chosen session ids: short, printable, safe in Redis keys and logs. Server-made ids are uuid4 hex.
+SESSION_ID = re.compile(r"[A-Za-z0-9_.:\-]{1,128}")
+
+
+def check_session_id(session_id: str) -> None:
+    if not SESSION_ID.fullmatch(session_id):
+        raise InvalidRequest(f"session id {session_id[:64]!r} is invalid: use 1-128 characters of A-Z a-z 0-9 _ . : -")
 
 
 @dataclass
@@ -56,6 +82,8 @@ class EngineConfig:
     kv_pool_bytes: int = 256 << 20
     kv_dtype: torch.dtype | None = None  # default: the model's dtype
     max_resident_sessions: int = 256  # idle sessions whose KV stays in the pool (LRU beyond that)
+    stats_memory_bytes: int | None = None  # statistics held outside the pool, all sequences; None: pool / 4
+    max_bypass_s: float = 2.0  # how long a request that does not fit yet lets later (smaller) ones overtake it
 
 
 @dataclass
@@ -82,7 +110,10 @@ class Sequence:
     finish_reason: FinishReason | None = None
     matched_stop: str | int | None = None
     reserved_slots: int = 0
+    stats_bytes: int = 0  # statistics memory admission control counted for this sequence
     steps: int = 0  # engine steps this sequence took part in (staleness is counted in these)
+    blocked_since: float | None = None  # when admission first failed for lack of memory
+    error: RequestError | None = None
 
     @property
     def id(self) -> str:
@@ -120,6 +151,10 @@ class Engine:
         self.compressor = Compressor(metrics=self.metrics)
         self.step_hooks: list[StepHook] = [self.compressor]
         self.steps = 0
+        self.stats_capacity_bytes = self.config.stats_memory_bytes or max(1 << 20, self.pool.capacity_bytes // 4)
+        self.stats_reserved_bytes = 0  # running sequences' statistics + parked sessions' (parked_stats_bytes)
+        self.parked_stats_bytes: dict[str, int] = {}
+        self.failures: dict[str, int] = {}  # gRPC status code -> requests ended by a fault
 
     # ---- requests -----------------------------------------------------------------------------------
     def add_request(self, request: GenerationRequest, emit: Callable[[Event], None]) -> Sequence:
@@ -146,6 +181,12 @@ class Engine:
                 f"request needs {seq.reserved_slots} KV slots ({seq.reserved_slots * self.pool.slot_bytes / 2**20:.1f} MiB) "
                 f"but the whole KV pool holds {self.pool.capacity_slots}; lower max_new_tokens or set a compression budget"
             )
+        need = self._stats_bytes(seq, seq.reserved_slots)
+        if need > self.stats_capacity_bytes:
+            raise ResourceExhausted(
+                f"policy {request.compression.policy!r} needs {need / 2**20:.1f} MiB of attention statistics for this "
+                f"request but the decoder holds {self.stats_capacity_bytes / 2**20:.1f} MiB for all of them; "
+                "lower window_queries or the budget")
         if session:
             if request.create_session:
                 self.store.put(session)  # visible (GetSession, conflicts) from now on
@@ -157,6 +198,23 @@ class Engine:
         seq.detok = self.tokenizer.detokenizer(seq.token_ids)
         self.waiting.append(seq)
         return seq
+
+    def fail(self, seq: Sequence, exc: BaseException) -> None:
+        """End one sequence because of a fault that belongs to it; every other sequence goes on."""
+        if seq not in self.running and seq not in self.waiting:
+            return  # already retired
+        if isinstance(exc, RequestError):
+            error = exc
+        elif isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
+            error = ResourceExhausted(f"out of memory while serving this request: {exc}")
+        else:
+            log.error("request %s failed", seq.id, exc_info=exc)
+            error = InternalError(f"request failed: {type(exc).__name__}: {exc}")
+        seq.error = error
+        seq.finish_reason = FinishReason.ERROR
+        self.failures[error.code] = self.failures.get(error.code, 0) + 1
+        self.metrics.request_failures.add(1, {"rpc.grpc.status_code": error.code})
+        self._retire(seq)
 
     def abort(self, request_id: str) -> bool:
         """Cancel a request: its slots are freed now (a session keeps what was computed)."""
@@ -181,15 +239,25 @@ class Engine:
             raise InvalidRequest(f"token id {bad[0]} is outside the vocabulary [0, {vocab})")
         if s.max_new_tokens < 1:
             raise InvalidRequest(f"max_new_tokens must be >= 1 (got {s.max_new_tokens})")
-        if s.temperature < 0 or s.temperature != s.temperature:
-            raise InvalidRequest(f"temperature must be >= 0 (got {s.temperature}); 0 means greedy")
+        if not 0 <= s.temperature <= MAX_TEMPERATURE:  # NaN fails this too
+            raise InvalidRequest(f"temperature must be in [0, {MAX_TEMPERATURE:g}] (got {s.temperature}); 0 means greedy")
         if not 0 < s.top_p <= 1:
             raise InvalidRequest(f"top_p must be in (0, 1] (got {s.top_p})")
         if s.top_k < 0:
             raise InvalidRequest(f"top_k must be >= 0 (got {s.top_k}); 0 disables it")
         if any(not stop for stop in s.stop):
             raise InvalidRequest("stop strings must not be empty")
-        return validate_compression(c)
+        if len(s.stop) > MAX_STOP_STRINGS or any(len(stop) > MAX_STOP_STRING_CHARS for stop in s.stop):
+            raise InvalidRequest(f"at most {MAX_STOP_STRINGS} stop strings of at most {MAX_STOP_STRING_CHARS} "
+                                 f"characters each (got {len(s.stop)}, longest {max(map(len, s.stop))})")
+        if len(s.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise InvalidRequest(f"at most {MAX_STOP_TOKEN_IDS} stop token ids (got {len(s.stop_token_ids)})")
+        bad = [t for t in s.stop_token_ids if not 0 <= t < vocab]
+        if bad:
+            raise InvalidRequest(f"stop token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        if request.session_id:
+            check_session_id(request.session_id)
+        return validate_compression(c, self.model_config.max_position_embeddings)
 
     def _check_lengths(self, total: int, request: GenerationRequest) -> None:
         context = self.model_config.max_position_embeddings
@@ -207,13 +275,13 @@ class Engine:
             sid = sid or uuid.uuid4().hex
             if self.store.get(sid) is not None:
                 raise SessionConflict(f"session {sid!r} already exists; omit create_session to continue it")
-            session = Session(id=sid)
+            session = Session(id=sid, owner=request.principal or "")
             request.session_id = sid
             return session
         if not sid:
             return None
         session = self.store.get(sid)
-        if session is None:
+        if session is None or not session.visible_to(request.principal):
             raise SessionNotFound(f"unknown session id {sid!r} (expired or deleted); set create_session to start one")
         if sid in self.busy_sessions:
             raise SessionConflict(f"session {sid!r} is generating; wait for its stream to finish")
@@ -227,62 +295,120 @@ class Engine:
             return min(total, c.budget + c.interval + c.max_lag)
         return total
 
+    def _stats_bytes(self, seq: Sequence, capacity: int) -> int:
+        c = self.model_config
+        return statistics_bytes(seq.scorer.spec(), c.num_layers, c.num_kv_heads, c.num_heads, c.head_dim, capacity)
+
     # ---- scheduling ---------------------------------------------------------------------------------
+    def _expire_waiting(self) -> None:
+        now = time.monotonic()
+        for seq in [s for s in self.waiting if s.request.deadline is not None and s.request.deadline <= now]:
+            self.fail(seq, DeadlineExceeded(
+                f"deadline exceeded after {now - seq.started_at:.1f} s waiting for KV memory "
+                f"({seq.reserved_slots} slots needed, {self.pool.largest_free_region} free in one piece)"))
+
     def _admit(self) -> None:
-        while self.waiting and len(self.running) < self.config.max_running:
-            seq = self.waiting[0]
-            if not self._reserve(seq):
-                break  # FIFO: later requests wait behind the head rather than starve it
-            self.waiting.popleft()
-            self.running.append(seq)
+        """Admit in arrival order, letting later requests overtake one that does not fit yet, unless it has
+        waited `max_bypass_s` (then it is next: nothing else is admitted until it fits)."""
+        now = time.monotonic()
+        for seq in list(self.waiting):
+            if len(self.running) >= self.config.max_running:
+                return
+            try:
+                admitted = self._reserve(seq)
+            except Exception as exc:  # a failed allocation ends this request; it is never retried forever
+                self.fail(seq, exc)
+                continue
+            if admitted:
+                self.waiting.remove(seq)
+                self.running.append(seq)
+                continue
+            if seq.blocked_since is None:
+                seq.blocked_since = now
+            if now - seq.blocked_since >= self.config.max_bypass_s:
+                return
 
     def _reserve(self, seq: Sequence) -> bool:
+        """Take the sequence's pool region (growing its session's parked one) and its statistics memory.
+        Returns False when memory is short right now; any other failure raises with nothing left taken."""
         sid = seq.session.id if seq.session else None
-        resident = self.resident.pop(sid, None) if sid else None
+        resident = self.resident.get(sid) if sid else None
+        slots = max(seq.reserved_slots, resident[0].n) if resident else seq.reserved_slots
+        stats_bytes = self._stats_bytes(seq, slots)
+        own_parked = self.parked_stats_bytes.get(sid, 0) if resident else 0  # released when this turn takes over
+        while self.stats_reserved_bytes - own_parked + stats_bytes > self.stats_capacity_bytes:
+            if not self._drop_idle_session(keep=sid):
+                return False
         while True:
             try:
                 if resident is not None:
-                    kv, stats, num_computed = resident
-                    seq.kv = self.pool.resize(kv.owner, max(seq.reserved_slots, kv.n))
-                    seq.num_computed = seq.usage.cached_tokens = num_computed
-                    if stats is not None and stats.spec != seq.scorer.spec():
-                        stats = None  # the policy changed between turns: start its statistics afresh
-                    seq.stats = stats
-                    if stats is not None:
-                        stats.resize(seq.kv.capacity, seq.kv.n)
+                    seq.kv = self.pool.resize(resident[0].owner, slots)
                 else:
-                    seq.kv = self.pool.allocate(uuid.uuid4().hex, seq.reserved_slots)
-                    seq.num_computed = 0
+                    seq.kv = self.pool.allocate(uuid.uuid4().hex, slots)
                 break
             except PoolExhausted:
-                if not self._drop_idle_session():
-                    if resident is not None:
-                        self.resident[sid] = resident  # still resident; try again next step
+                if not self._drop_idle_session(keep=sid):
                     return False
-        spec = seq.scorer.spec()
-        if seq.stats is None and spec.names:
-            c = self.model_config
-            seq.stats = SequenceStatistics(spec, c.num_layers, c.num_kv_heads, c.num_heads, c.head_dim,
+        if resident is not None:
+            del self.resident[sid]
+            self.stats_reserved_bytes -= self.parked_stats_bytes.pop(sid, 0)
+        try:
+            stats = None
+            if resident is not None:
+                _, stats, seq.num_computed = resident
+                seq.usage.cached_tokens = seq.num_computed
+                if stats is not None and stats.spec != seq.scorer.spec():
+                    stats = None  # the policy changed between turns: start its statistics afresh
+                if stats is not None:
+                    stats.resize(seq.kv.capacity, seq.kv.n)
+            else:
+                seq.num_computed = 0
+            spec = seq.scorer.spec()
+            if stats is None and spec.names:
+                c = self.model_config
+                stats = SequenceStatistics(spec, c.num_layers, c.num_kv_heads, c.num_heads, c.head_dim,
                                            seq.kv.capacity, self.device)
+            seq.stats = stats
+        except BaseException:
+            self.pool.free(seq.kv.owner)  # the parked KV goes too: this turn re-prefills if ever retried
+            seq.kv, seq.stats, seq.num_computed = None, None, 0
+            raise
+        seq.stats_bytes = stats_bytes
+        self.stats_reserved_bytes += stats_bytes
         seq.usage.reserved_kv_bytes = seq.kv.capacity * self.pool.slot_bytes
         return True
 
-    def _drop_idle_session(self) -> bool:
-        """Free the least recently used idle session's KV (its history stays; it re-prefills later)."""
-        if not self.resident:
+    def _drop_idle_session(self, keep: str | None = None) -> bool:
+        """Free the least recently used idle session's KV (its history stays; it re-prefills later).
+        `keep`: a session about to continue, whose own parked KV is the last to go."""
+        victim = next((sid for sid in self.resident if sid != keep), None)
+        if victim is None:
             return False
-        _, (kv, _, _) = self.resident.popitem(last=False)
-        self.pool.free(kv.owner)
+        self.drop_resident(victim)
         return True
+
+    def drop_resident(self, session_id: str) -> bool:
+        """Forget a session's parked KV here (its history stays in the store)."""
+        resident = self.resident.pop(session_id, None)
+        if resident is None:
+            return False
+        self.pool.free(resident[0].owner)
+        self.stats_reserved_bytes -= self.parked_stats_bytes.pop(session_id, 0)
+        return True
+
+    def expire_sessions(self) -> None:
+        """Free the parked KV of sessions the store no longer has (TTL expired, deleted elsewhere)."""
+        for sid in [sid for sid in self.resident if self.store.get(sid) is None]:
+            self.drop_resident(sid)
 
     def _schedule(self) -> list[tuple[Sequence, int]]:
         budget = self.config.max_batch_tokens
         batch: list[tuple[Sequence, int]] = []
-        for seq in self.running:
-            if seq.compression_state.pending is not None or seq.kv.free_slots == 0:
-                # Pick up a remote decision that arrived, or make room for a sequence that has none left
-                # (a parked session continued under a smaller budget, a late decision).
-                self.compressor(self, seq)
+        for seq in list(self.running):
+            if seq.compression_state.pending is not None or seq.kv.free_slots == 0 or self.compressor.due(self, seq):
+                # Pick up a remote decision that arrived, or compress a sequence that reached its point (a parked
+                # session continued under a smaller budget has no room at all).
+                self._run_hooks(seq, (self.compressor,))
         ready = [seq for seq in self.running if not self.compressor.blocked(seq)]
         for seq in ready:  # decode first: one token each keeps streams flowing
             if not seq.in_prefill and budget > 0 and seq.kv.free_slots > 0:
@@ -290,19 +416,70 @@ class Engine:
                 budget -= 1
         for seq in ready:
             if seq.in_prefill and budget > 0:
-                chunk = min(seq.pending, self.config.prefill_chunk, budget, seq.kv.free_slots)
+                chunk = min(seq.pending, self.config.prefill_chunk, budget, self.compressor.room(seq))
                 if chunk > 0:
                     batch.append((seq, chunk))
                     budget -= chunk
         return batch
 
+    def _run_hooks(self, seq: Sequence, hooks=None) -> None:
+        """Run step hooks for one sequence; a hook's fault ends this sequence only."""
+        for hook in hooks or self.step_hooks:
+            if seq.finish_reason is not None:
+                return
+            try:
+                hook(self, seq)
+            except Exception as exc:
+                self.fail(seq, exc)
+
     # ---- the step -----------------------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> bool:
+        self._expire_waiting()
         self._admit()
         batch = self._schedule()
         if not batch:
             return False
+        try:
+            logits, samplers = self._forward(batch)
+        except Exception as exc:
+            # Find the sequence at fault: run each alone. Its writes to slots past `n` are simply redone.
+            log.warning("batched forward of %d sequences failed (%s); retrying them one by one", len(batch), exc)
+            logits_rows, samplers, kept = [], [], []
+            for item in batch:
+                try:
+                    one_logits, one_samplers = self._forward([item])
+                except Exception as one_exc:
+                    self.fail(item[0], one_exc)
+                    continue
+                kept.append(item)
+                logits_rows.extend(one_logits)
+                samplers.extend(one_samplers)
+            batch = kept
+            logits = torch.stack(logits_rows) if logits_rows else None
+        for row, seq in enumerate(samplers):
+            try:
+                token = sample_token(logits[row], seq.request.sampling, seq.generator)
+            except Exception as exc:
+                self.fail(seq, exc)
+                continue
+            self._append_token(seq, token)
+        self.metrics.decode_tokens.add(len(samplers))
+        self.steps += 1
+        for seq, _ in batch:
+            seq.usage.peak_kv_slots = max(seq.usage.peak_kv_slots, seq.kv.n)  # before compression: the true peak
+            if seq.finish_reason is None:
+                self._run_hooks(seq)
+        for seq, _ in batch:
+            if seq.finish_reason is not None and seq.finish_reason is not FinishReason.ERROR:
+                self._retire(seq)
+        if self.steps % 64 == 0:
+            self.expire_sessions()
+        return True
+
+    def _forward(self, batch: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, list[Sequence]]:
+        """One model call over the batch's tokens; commits them to the KV. Returns the logits of the rows to
+        sample and their sequences."""
         ids, positions, segments, sample_rows, samplers = [], [], [], [], []
         cursor = 0
         for seq, n in batch:
@@ -323,19 +500,7 @@ class Engine:
             seq.kv.commit(pos[0, seg.start:seg.start + n])
             seq.num_computed += n
             seq.steps += 1
-        for row, seq in enumerate(samplers):
-            self._append_token(seq, sample_token(logits[row], seq.request.sampling, seq.generator))
-        self.metrics.decode_tokens.add(len(samplers))
-        self.steps += 1
-        for seq, _ in batch:
-            seq.usage.peak_kv_slots = max(seq.usage.peak_kv_slots, seq.kv.n)  # before compression: the true peak
-            if seq.finish_reason is None:
-                for hook in self.step_hooks:
-                    hook(self, seq)
-        for seq, _ in batch:
-            if seq.finish_reason is not None:
-                self._retire(seq)
-        return True
+        return logits, samplers
 
     def _append_token(self, seq: Sequence, token: int) -> None:
         s = seq.request.sampling
@@ -366,22 +531,33 @@ class Engine:
         seq.text_sent = upto
 
     def _retire(self, seq: Sequence) -> None:
-        """Finish a sequence: send the final message, free or park its KV, update its session."""
+        """Finish a sequence: the one place where everything it holds is released (invariant 9): its decision in
+        flight and that frame's span, its statistics memory, its pool region (freed, or parked for its session),
+        then the final message."""
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
+        self.compressor.release(seq, reason=f"request ended ({seq.finish_reason.value})")
+        self.stats_reserved_bytes -= seq.stats_bytes
+        seq.stats_bytes = 0
         seq.usage.generated_tokens = len(seq.generated)
         seq.usage.duration_s = time.monotonic() - seq.started_at
         seq.usage.peak_kv_bytes = seq.usage.peak_kv_slots * self.pool.slot_bytes
         session = seq.session
         if session is not None:
-            self._save_session(seq, session)
+            try:
+                self._save_session(seq, session)
+            except Exception:
+                log.exception("session %s of request %s could not be saved", session.id, seq.id)
+                self.busy_sessions.discard(session.id)
+                if seq.kv is not None:
+                    self.pool.free(seq.kv.owner)
         elif seq.kv is not None:
             self.pool.free(seq.kv.owner)
         seq.emit(FinishEvent(finish_reason=seq.finish_reason, usage=seq.usage, text=seq.text,
                              token_ids=list(seq.generated), matched_stop=seq.matched_stop,
-                             session_id=session.id if session else None))
+                             session_id=session.id if session else None, error=seq.error))
 
     def _save_session(self, seq: Sequence, session: Session) -> None:
         self.busy_sessions.discard(session.id)
@@ -398,36 +574,69 @@ class Engine:
         session.evicted_tokens += seq.usage.evicted_tokens
         session.compression = asdict(seq.request.compression)
         self.store.put(session)
-        if seq.kv is not None:
-            # Park the KV, shrunk to what it holds, so the next turn continues without re-prefill.
-            kv = self.pool.resize(seq.kv.owner, max(seq.kv.n, 1))
-            if seq.stats is not None:
-                seq.stats.resize(kv.capacity, kv.n)
-            self.resident[session.id] = (kv, seq.stats, seq.num_computed)
-            self.resident.move_to_end(session.id)
-            while len(self.resident) > self.config.max_resident_sessions:
-                self._drop_idle_session()
+        if seq.kv is None:
+            return
+        if seq.error is not None:
+            # After a fault the cache may be half-updated: the history is kept, the next turn re-prefills it.
+            self.pool.free(seq.kv.owner)
+            return
+        # Park the KV, shrunk to what it holds, so the next turn continues without re-prefill.
+        kv = self.pool.resize(seq.kv.owner, max(seq.kv.n, 1))
+        if seq.stats is not None:
+            seq.stats.resize(kv.capacity, kv.n)
+            self.parked_stats_bytes[session.id] = seq.stats.nbytes  # still counted while parked
+            self.stats_reserved_bytes += seq.stats.nbytes
+        self.resident[session.id] = (kv, seq.stats, seq.num_computed)
+        self.resident.move_to_end(session.id)
+        while len(self.resident) > self.config.max_resident_sessions:
+            self._drop_idle_session()
 
     # ---- sessions -----------------------------------------------------------------------------------
-    def get_session(self, session_id: str) -> tuple[Session, int]:
-        """The session and how many of its tokens have KV resident here (0 if it would re-prefill)."""
+    def get_session(self, session_id: str, principal: str | None = None) -> tuple[Session, int]:
+        """The session and how many of its tokens have KV resident here (0 if it would re-prefill).
+        Another principal's session is reported as unknown, never as forbidden (ids do not leak)."""
+        check_session_id(session_id)
         session = self.store.get(session_id)
-        if session is None:
+        if session is None or not session.visible_to(principal):
             raise SessionNotFound(f"unknown session id {session_id!r}")
         resident = self.resident.get(session_id)
         return session, (resident[0].n if resident else 0)
 
-    def delete_session(self, session_id: str) -> None:
+    def delete_session(self, session_id: str, principal: str | None = None) -> None:
+        check_session_id(session_id)
+        session = self.store.get(session_id)
+        if session is not None and not session.visible_to(principal):
+            raise SessionNotFound(f"unknown session id {session_id!r}")
         if session_id in self.busy_sessions:
             raise SessionConflict(f"session {session_id!r} is generating; cancel its stream first")
-        resident = self.resident.pop(session_id, None)
-        if resident is not None:
-            self.pool.free(resident[0].owner)
-        if not self.store.delete(session_id) and resident is None:
+        had_kv = self.drop_resident(session_id)
+        if not self.store.delete(session_id) and not had_kv:
             raise SessionNotFound(f"unknown session id {session_id!r}")
 
     def knows_session(self, session_id: str) -> bool:
         return self.store.get(session_id) is not None
+
+    def forget_session(self, session_id: str) -> None:
+        """Drop this decoder's copy (it was deleted elsewhere); an idle session only."""
+        if session_id not in self.busy_sessions:
+            self.drop_resident(session_id)
+            self.store.delete(session_id)
+
+    def server_info(self) -> dict:
+        """Pool and scheduler state: what an operator (and a leak test) reads."""
+        pool = self.pool
+        return dict(
+            pool_capacity_slots=pool.capacity_slots, pool_reserved_slots=pool.reserved_slots,
+            pool_used_slots=pool.used_slots, pool_free_slots=pool.free_slots,
+            pool_largest_free_region=pool.largest_free_region, pool_capacity_bytes=pool.capacity_bytes,
+            pool_reserved_bytes=pool.reserved_bytes, pool_used_bytes=pool.used_bytes,
+            pool_free_bytes=pool.free_slots * pool.slot_bytes, slot_bytes=pool.slot_bytes,
+            stats_capacity_bytes=self.stats_capacity_bytes, stats_reserved_bytes=self.stats_reserved_bytes,
+            running=len(self.running), waiting=len(self.waiting), parked_sessions=len(self.resident),
+            parked_slots=sum(kv.capacity for kv, _, _ in self.resident.values()),
+            busy_sessions=len(self.busy_sessions), steps=self.steps, failures=dict(self.failures),
+            circuit_state=self.compressor.breaker.state, circuit_opened=self.compressor.breaker.times_opened,
+        )
 
     def export_session(self, session_id: str, with_kv: bool) -> tuple[Session, dict | None, dict]:
         """The session, and (optionally) a copy of its parked KV: k, v [L, H, n, D], positions [L, H, n]."""
@@ -447,6 +656,7 @@ class Engine:
         """Adopt a session from the durable store (another decoder wrote it). With a KV snapshot that fits
         this model and pool, the next turn continues without re-prefill; returns whether the KV was adopted."""
         self.store.put(session)
+        self.drop_resident(session.id)  # a parked copy here is older than what the durable store holds
         if not tensors:
             return False
         k = tensors["k"]
@@ -482,8 +692,12 @@ class Engine:
         return [results[r.request_id] for r in requests]
 
 
-def validate_compression(c: CompressionConfig) -> Scorer:
-    """Check a compression config and build its scorer (raises InvalidRequest with what to fix)."""
+def validate_compression(c: CompressionConfig, context: int | None = None) -> Scorer:
+    """Check a compression config and build its scorer (raises InvalidRequest with what to fix).
+
+    `context` (the model's) bounds the policy's query window: its ring is allocated up front, and no more
+    queries than the context can ever be observed. Budget, interval and lag need no such bound: the footprint
+    is min(sequence, budget + interval + max_lag), so a budget past the context just never compresses."""
     try:
         scorer = make_scorer(c.policy, c.params)
     except KeyError:
@@ -492,6 +706,11 @@ def validate_compression(c: CompressionConfig) -> Scorer:
         raise InvalidRequest(str(exc)) from None
     if c.budget < 0 or c.interval < 1 or c.window < 0 or c.sinks < 0 or c.max_lag < 0:
         raise InvalidRequest("compression budget, window, sinks and max_lag must be >= 0 and interval >= 1")
+    if context is not None:
+        queries = scorer.spec().window_queries
+        if queries > context:
+            raise InvalidRequest(f"policy {c.policy!r}: window_queries {queries} exceeds the model's context of "
+                                 f"{context} (no more queries can ever be observed)")
     if c.policy != "full" and c.budget == 0:
         raise InvalidRequest(f"policy {c.policy!r} needs a budget (KV slots to keep) > 0")
     if c.budget and c.budget <= c.protected:

@@ -140,23 +140,34 @@ class KVPool:
             self._give_back(region.offset, region.capacity)
 
     def resize(self, owner: str, slots: int) -> SequenceKV:
-        """Grow or shrink a region, keeping its `n` valid slots (a multi-turn session gets room for the next turn)."""
+        """Grow or shrink a region, keeping its `n` valid slots (a multi-turn session gets room for the next turn).
+
+        Growth never needs the old and the new region at once when it can be avoided: it extends in place
+        when the free piece right after the region is long enough, else it gives the region back first and
+        takes the new one from the coalesced free space (so a continuation that fits the pool is never blocked
+        by its own parked region). On PoolExhausted nothing has changed."""
         old = self._regions[owner]
         if slots < old.n:
             raise ValueError(f"cannot shrink {owner} to {slots} slots: it holds {old.n}")
         if slots == old.capacity:
             return old
+        # Row strides depend on capacity, so the valid slots move row by row (from a clone: rows may overlap).
+        n = old.n
+        k, v, p = old.k[:, :, :n].clone(), old.v[:, :, :n].clone(), old.positions[:, :, :n].clone()
         if slots < old.capacity:
             self._give_back(old.offset + slots, old.capacity - slots)
             new = self._view(owner, old.offset, slots)
+        elif self._take_at(old.offset + old.capacity, slots - old.capacity):
+            new = self._view(owner, old.offset, slots)
         else:
-            offset = self._take(slots)  # raises PoolExhausted before anything changes
-            new = self._view(owner, offset, slots)
             self._give_back(old.offset, old.capacity)
-        # Row strides depend on capacity, so the valid slots move row by row. A shrink keeps the offset and the
-        # rows overlap, so copy from a clone.
-        n = old.n
-        k, v, p = old.k[:, :, :n].clone(), old.v[:, :, :n].clone(), old.positions[:, :, :n].clone()
+            try:
+                offset = self._take(slots)
+            except PoolExhausted:
+                taken = self._take_at(old.offset, old.capacity)  # just given back, so it is free
+                assert taken, "the region given back must still be free"
+                raise
+            new = self._view(owner, offset, slots)
         new.k[:, :, :n], new.v[:, :, :n], new.positions[:, :, :n] = k, v, p
         new.n = n
         self._regions[owner] = new
@@ -184,6 +195,21 @@ class KVPool:
             f"no free region of {slots} slots (free {self.free_slots} slots in {len(self._free)} pieces, "
             f"largest {self.largest_free_region})"
         )
+
+    def _take_at(self, offset: int, slots: int) -> bool:
+        """Take exactly [offset, offset + slots) if it lies inside one free piece."""
+        i = bisect.bisect_right(self._free, (offset, self.capacity_slots + 1)) - 1
+        if i < 0:
+            return False
+        start, length = self._free[i]
+        if offset + slots > start + length:
+            return False
+        del self._free[i]
+        if offset + slots < start + length:
+            self._free.insert(i, (offset + slots, start + length - offset - slots))
+        if start < offset:
+            self._free.insert(i, (start, offset - start))
+        return True
 
     def _give_back(self, offset: int, length: int) -> None:
         i = bisect.bisect_left(self._free, (offset, 0))

@@ -18,6 +18,7 @@ from typing import Callable
 
 import grpc
 
+from kvpilot.security import secure_channel
 from kvpilot.v1 import policy_pb2 as pb
 from kvpilot.v1 import policy_pb2_grpc
 from policy_service.frame import Decision, StatsFrame
@@ -35,13 +36,16 @@ class RemotePolicy:
     asynchronous = True
 
     def __init__(self, url: str, streams: int = 1, backoff_s: tuple[float, float] = (0.05, 2.0),
-                 connect_timeout_s: float = 2.0):
+                 connect_timeout_s: float = 2.0, tls_ca: str | None = None, token: str | None = None):
+        if streams < 1:
+            raise ValueError(f"policy streams must be >= 1 (got {streams})")
         self.url = url
+        self.tls_ca, self._token = tls_ca, token
         self.backoff_s = backoff_s
         self.connect_timeout_s = connect_timeout_s
         self.on_result: Callable[[], None] | None = None  # wakes the engine loop when a decision lands
         self._lock = threading.Lock()
-        self._results: dict[tuple[str, int], Decision | Exception] = {}
+        self._results: dict[tuple[str, int], Decision | Exception] = {}  # (request id, frame id) -> result
         self._in_flight: dict[tuple[str, int], int] = {}  # key -> stream index
         self._connected = [False] * streams
         self._queues: list[asyncio.Queue | None] = [None] * streams
@@ -65,17 +69,21 @@ class RemotePolicy:
             time.sleep(0.01)
         return self.available
 
-    def submit(self, frame: StatsFrame, scorer, policy: str, params: dict[str, str], trace_context: dict) -> object:
-        """Queue a frame; returns a key for `poll`, or None when the service is unreachable right now."""
+    def submit(self, frame: StatsFrame, scorer, policy: str, params: dict[str, str], trace_context: dict,
+               request_id: str = "") -> object:
+        """Queue a frame; returns a key for `poll`, or None when the service is unreachable right now.
+
+        The key is (request id, frame id): frame ids restart with every request, so a decision for an earlier
+        turn of the same session can never be taken for this one."""
         index = zlib.crc32(frame.session_id.encode()) % len(self._connected)
         if not self._connected[index]:
             up = [i for i, ok in enumerate(self._connected) if ok]
             if not up:
                 return None
             index = up[index % len(up)]
-        message = frame_to_pb(frame, policy, dict(params))
+        message = frame_to_pb(frame, policy, dict(params), request_id=request_id)
         message.trace_context.update(trace_context)
-        key = (frame.session_id, frame.frame_id)
+        key = (request_id, frame.frame_id)
         with self._lock:
             self._in_flight[key] = index
         queue = self._queues[index]
@@ -104,8 +112,9 @@ class RemotePolicy:
     async def _stream(self, index: int) -> None:
         delay = self.backoff_s[0]
         while not self._closing:
-            channel = grpc.aio.insecure_channel(self.url, options=[("grpc.max_receive_message_length", 256 << 20),
-                                                                     ("grpc.max_send_message_length", 256 << 20)])
+            channel = secure_channel(self.url, tls_ca=self.tls_ca, token=self._token, aio=True,
+                                     options=[("grpc.max_receive_message_length", 256 << 20),
+                                              ("grpc.max_send_message_length", 256 << 20)])
             try:
                 await asyncio.wait_for(channel.channel_ready(), timeout=self.connect_timeout_s)
                 queue: asyncio.Queue = asyncio.Queue()
@@ -139,7 +148,7 @@ class RemotePolicy:
             yield await queue.get()
 
     def _deliver(self, message: pb.Decision) -> None:
-        key = (message.session_id, message.frame_id)
+        key = (message.request_id, message.frame_id)
         with self._lock:
             if self._in_flight.pop(key, None) is None:
                 return  # given up on, or a duplicate

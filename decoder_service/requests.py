@@ -39,6 +39,27 @@ class SessionConflict(RequestError):
     code = "FAILED_PRECONDITION"
 
 
+class DeadlineExceeded(RequestError):
+    """The request's deadline passed before it finished (e.g. while it waited for KV memory)."""
+
+    code = "DEADLINE_EXCEEDED"
+
+
+class InternalError(RequestError):
+    """A fault while serving this request (a numeric blow-up, a scorer or kernel error). Only this request ends."""
+
+    code = "INTERNAL"
+
+
+# Below this temperature sampling is greedy: logits / 1e-40 overflow float32, and the limit of a softmax at
+# T -> 0 is the argmax anyway (vLLM uses the same epsilon).
+GREEDY_TEMPERATURE = 1e-5
+MAX_TEMPERATURE = 100.0
+MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_CHARS = 256
+MAX_STOP_TOKEN_IDS = 64
+
+
 @dataclass
 class SamplingParams:
     temperature: float = 1.0  # 0 = greedy
@@ -52,7 +73,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_TEMPERATURE
 
 
 @dataclass
@@ -93,6 +114,8 @@ class GenerationRequest:
     input_kind: SegmentKind = SegmentKind.USER
     add_bos: bool = True  # only for the first turn of a sequence
     trace_parent: object = field(default=None, compare=False, repr=False)  # the `generate` span, if traced
+    deadline: float | None = None  # time.monotonic() after which the request ends with DEADLINE_EXCEEDED
+    principal: str | None = None  # the authenticated caller (sessions belong to their creator); None = auth off
 
 
 class FinishReason(str, Enum):
@@ -100,6 +123,7 @@ class FinishReason(str, Enum):
     STOP = "stop"  # a stop string or stop token id
     LENGTH = "length"
     ABORT = "abort"  # cancelled by the client
+    ERROR = "error"  # failed: FinishEvent.error says why (the server answers with its gRPC status)
 
 
 @dataclass
@@ -149,6 +173,7 @@ class FinishEvent:
     token_ids: list[int] = field(default_factory=list)
     matched_stop: str | int | None = None
     session_id: str | None = None
+    error: RequestError | None = None  # set with FinishReason.ERROR
 
 
 Event = TokenEvent | EvictionEvent | FinishEvent

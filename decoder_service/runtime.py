@@ -6,9 +6,10 @@ from dataclasses import dataclass
 import torch
 
 from decoder_service.checkpoint import DTYPES, load_checkpoint
+from decoder_service.circuit_breaker import CircuitBreaker
+from decoder_service.compression import fallback_scorer
 from decoder_service.engine import Engine, EngineConfig
 from kvpilot.models import default_model_path
-from policy_service.registry import make_scorer
 
 
 @dataclass
@@ -25,9 +26,17 @@ class RuntimeOptions:
     policy_streams: int = 1
     fallback_policy: str = "streaming_llm"
     decision_timeout_s: float = 2.0
+    circuit_failures: int = 3  # consecutive remote-policy failures that open the circuit
+    circuit_cool_down_s: float = 5.0
+    policy_tls_ca: str | None = None
+    policy_auth_token_file: str | None = None
 
 
 def build_engine(opts: RuntimeOptions) -> Engine:
+    """Raises ValueError for settings that cannot work (checked before the model loads)."""
+    fallback = fallback_scorer(opts.fallback_policy)  # refuses a fallback that needs statistics
+    if opts.decision_timeout_s <= 0:
+        raise ValueError(f"--decision-timeout must be > 0 seconds (got {opts.decision_timeout_s})")
     if opts.threads:
         torch.set_num_threads(opts.threads)
     path = opts.model or default_model_path()
@@ -36,12 +45,17 @@ def build_engine(opts: RuntimeOptions) -> Engine:
     config = EngineConfig(max_batch_tokens=opts.max_batch_tokens, prefill_chunk=opts.prefill_chunk,
                           max_running=opts.max_running, kv_pool_bytes=opts.kv_pool_mb << 20)
     engine = Engine(loaded, config)
-    engine.compressor.fallback = make_scorer(opts.fallback_policy)
+    engine.compressor.fallback = fallback
     engine.compressor.decision_timeout_s = opts.decision_timeout_s
+    engine.compressor.breaker = CircuitBreaker(opts.circuit_failures, opts.circuit_cool_down_s,
+                                               on_change=engine.compressor.breaker.on_change)
     if opts.policy_url:
         from decoder_service.remote_policy import RemotePolicy
+        from kvpilot.security import load_client_token
 
-        engine.compressor.policy = RemotePolicy(opts.policy_url, streams=opts.policy_streams)
+        engine.compressor.policy = RemotePolicy(opts.policy_url, streams=opts.policy_streams, tls_ca=opts.policy_tls_ca,
+                                                token=load_client_token(opts.policy_auth_token_file,
+                                                                        env_var="KVPILOT_POLICY_AUTH_TOKEN"))
     return engine
 
 
@@ -60,6 +74,10 @@ def add_runtime_arguments(parser) -> None:
     parser.add_argument("--fallback-policy", default="streaming_llm", help="local policy when no decision arrives")
     parser.add_argument("--decision-timeout", type=float, default=2.0,
                         help="seconds a sequence out of room waits for a remote decision before falling back")
+    parser.add_argument("--circuit-failures", type=int, default=3,
+                        help="consecutive remote-policy failures (timeouts, errors) that open the circuit")
+    parser.add_argument("--circuit-cool-down", type=float, default=5.0,
+                        help="seconds the circuit stays open (local fallback) before one probe frame")
 
 
 def runtime_options(args) -> RuntimeOptions:
@@ -68,4 +86,8 @@ def runtime_options(args) -> RuntimeOptions:
                           max_running=args.max_running, threads=args.threads,
                           policy_url=getattr(args, "policy_url", None), policy_streams=getattr(args, "policy_streams", 1),
                           fallback_policy=getattr(args, "fallback_policy", "streaming_llm"),
-                          decision_timeout_s=getattr(args, "decision_timeout", 2.0))
+                          decision_timeout_s=getattr(args, "decision_timeout", 2.0),
+                          circuit_failures=getattr(args, "circuit_failures", 3),
+                          circuit_cool_down_s=getattr(args, "circuit_cool_down", 5.0),
+                          policy_tls_ca=getattr(args, "policy_tls_ca", None),
+                          policy_auth_token_file=getattr(args, "policy_auth_token_file", None))

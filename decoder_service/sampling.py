@@ -1,25 +1,39 @@
-"""Token sampling: greedy, temperature, top-k, top-p, with a per-request generator (reproducible by seed)."""
+"""Token sampling: greedy, temperature, top-k, top-p, with a per-request generator (reproducible by seed).
+
+Numerically safe for every temperature the engine accepts: below GREEDY_TEMPERATURE sampling is greedy, the
+rest runs in float32 with a max-subtracted softmax, and a logit row that is not a number fails the request
+(SamplingError) instead of torch.multinomial raising inside the engine step.
+"""
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from decoder_service.requests import SamplingParams
+from decoder_service.requests import InternalError, SamplingParams
+
+
+class SamplingError(InternalError):
+    """The model produced logits that cannot be sampled (NaN): this request ends, others go on."""
 
 
 def sample_token(logits: Tensor, params: SamplingParams, generator: torch.Generator) -> int:
-    """logits: [V] float32 on any device; the generator must live on the same device."""
+    """logits: [V] on any device; the generator must live on the same device."""
+    logits = logits.float()
+    if bool(torch.isnan(logits).any()) or not bool(torch.isfinite(logits).any()):
+        raise SamplingError("the model produced non-finite logits for this sequence; it cannot be sampled")
     if params.greedy:
         return int(torch.argmax(logits))
     logits = logits / params.temperature
+    if bool(torch.isposinf(logits).any()):  # overflowed: the distribution is a point mass on the largest logits
+        return int(torch.argmax(logits))
     if params.top_k > 0 and params.top_k < logits.shape[-1]:
         kth = torch.topk(logits, params.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if params.top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True)
-        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+        probs_sorted = torch.softmax(sorted_logits, dim=-1)
         # Drop a token once the mass before it already reaches top_p (the most likely token always stays).
-        drop = (cumulative - torch.softmax(sorted_logits, dim=-1)) >= params.top_p
+        drop = (probs_sorted.cumsum(-1) - probs_sorted) >= params.top_p
         logits = logits.scatter(0, order, sorted_logits.masked_fill(drop, float("-inf")))
     probs = torch.softmax(logits, dim=-1)
     return int(torch.multinomial(probs, 1, generator=generator))

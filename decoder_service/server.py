@@ -8,12 +8,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
+import uuid
 from dataclasses import dataclass
 
 import grpc
 
 from decoder_service.async_engine import AsyncEngine
-from decoder_service.engine import Engine
+from decoder_service.engine import Engine, check_session_id
 from decoder_service.requests import (
     CompressionConfig,
     EvictionEvent,
@@ -22,6 +24,8 @@ from decoder_service.requests import (
     GenerationRequest,
     InvalidRequest,
     RequestError,
+    SessionConflict,
+    SessionNotFound,
     SessionStoreDown,
     SamplingParams,
     SegmentKind,
@@ -68,14 +72,23 @@ def tolerant(parse):
     return deserialize
 
 
+SESSION_ID_METADATA = "kvpilot-session-id"
+MAX_PROMPT_CHARS_PER_TOKEN = 64  # a text longer than context x this is refused before it is tokenized
+
+
 class DecoderServicer:
-    def __init__(self, engine: AsyncEngine, durable=None, persist_kv: bool = False):
+    def __init__(self, engine: AsyncEngine, durable=None, persist_kv: bool = False, auth=None):
         self.engine = engine
         self.durable = durable  # SessionStore (Redis) shared by decoder processes; None = this process only
         self.persist_kv = persist_kv
+        self.auth = auth  # kvpilot.security.BearerAuth: who the caller is (the interceptor already checked)
         self.versions: dict[str, int] = {}  # session -> version this process last read or wrote
         self.tokenizer = engine.engine.tokenizer
         self.model_name = engine.engine.loaded.name
+        self.context = engine.engine.model_config.max_position_embeddings
+
+    def principal(self, context) -> str | None:
+        return self.auth.principal_of(context) if self.auth is not None else None
 
     async def Generate(self, request, context):
         if isinstance(request, UndecodableRequest):
@@ -83,20 +96,32 @@ class DecoderServicer:
                                 "(text must be valid UTF-8)")
         span = None
         final = None
+        failure: RequestError | None = None
+        gen = None
         try:
-            gen = self.to_engine_request(request)
+            gen = await self.to_engine_request(request)
+            gen.principal = self.principal(context)
+            remaining = context.time_remaining()
+            if remaining is not None:
+                gen.deadline = time.monotonic() + remaining
+            if gen.create_session and not gen.session_id:
+                gen.session_id = uuid.uuid4().hex  # chosen here so the client learns it before any token
             span = gen.trace_parent = telemetry.start_generate_span(self.model_name, gen)
-            if gen.session_id and not gen.create_session:
-                await self.load_session(gen.session_id)
-            stream = self.engine.generate(gen)
-            first = await anext(stream)  # request errors surface here, before anything is streamed
+            if gen.session_id:
+                check_session_id(gen.session_id)
+                if gen.create_session:
+                    await self.check_new_session(gen.session_id)
+                else:
+                    await self.load_session(gen.session_id)
+            stream = await self.engine.submit(gen)
         except RequestError as exc:
             if span is not None:
                 telemetry.end_generate_span(span, error=exc)
             await context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
         try:
-            event = first
-            while True:
+            if gen.session_id:
+                await context.send_initial_metadata(((SESSION_ID_METADATA, gen.session_id),))
+            async for event in stream:
                 warnings = []
                 if isinstance(event, FinishEvent):
                     final = event
@@ -106,15 +131,25 @@ class DecoderServicer:
                 yield to_response(gen.request_id, event, warnings)
                 if final is not None:
                     return
-                event = await anext(stream)
+        except RequestError as exc:  # the request failed after it was accepted: its status, its stream only
+            failure = exc
+            if gen.session_id:
+                await asyncio.shield(self.persist_session(gen.session_id))  # the history up to the fault stays
         finally:
             await stream.aclose()  # aborts the request in the engine if it has not finished
-            telemetry.end_generate_span(span, final, None if final else RuntimeError("stream cancelled"))
+            telemetry.end_generate_span(span, final, failure or (None if final else RuntimeError("stream cancelled")))
+        if failure is not None:
+            await context.abort(getattr(grpc.StatusCode, failure.code), str(failure))
 
-    def to_engine_request(self, request: pb.GenerateRequest) -> GenerationRequest:
+    async def to_engine_request(self, request: pb.GenerateRequest) -> GenerationRequest:
         which = request.WhichOneof("input")
         if which == "text":
-            input_ids = self.tokenizer.encode(request.text)
+            limit = self.context * MAX_PROMPT_CHARS_PER_TOKEN
+            if len(request.text) > limit:
+                raise InvalidRequest(f"prompt text has {len(request.text)} characters; this model's context of "
+                                     f"{self.context} tokens accepts at most {limit}")
+            # Off the event loop: other streams keep flowing while a long prompt is tokenized.
+            input_ids = await asyncio.to_thread(self.tokenizer.encode, request.text)
             if request.text and not input_ids:
                 raise InvalidRequest("text encodes to no tokens")
         elif which == "token_ids":
@@ -153,23 +188,47 @@ class DecoderServicer:
             add_bos=request.add_bos if request.HasField("add_bos") else True,
         )
 
-    async def load_session(self, session_id: str) -> None:
-        """Adopt a session another decoder process wrote (history, and its KV snapshot when persisted)."""
-        if self.durable is None or await self.engine.call(lambda: self.engine.engine.knows_session(session_id)):
+    async def check_new_session(self, session_id: str) -> None:
+        """A client-chosen id must be new everywhere, not only on this decoder."""
+        if self.durable is None:
             return
         try:
             found = await self.durable.get_with_version(session_id)
-            snapshot = await self.durable.get_kv_snapshot(session_id) if (found and self.persist_kv) else None
+        except SessionStoreError:
+            return  # generation still serves; the final message warns that the session was not persisted
+        if found is not None:
+            raise SessionConflict(f"session {session_id!r} already exists; omit create to continue it")
+
+    async def load_session(self, session_id: str) -> None:
+        """Make this decoder's copy of a session the latest one. The durable store is the source of truth:
+        the parked KV here is used only when its version is the store's; otherwise the session (and its KV
+        snapshot, when persisted and of the same version) is adopted from the store. A key the store lost
+        (restart, FLUSH, expiry) is recreated from the local copy on the next write; a deleted one is not."""
+        if self.durable is None:
+            return
+        engine = self.engine.engine
+        known = await self.engine.call(lambda: engine.knows_session(session_id))
+        try:
+            found = await self.durable.get_with_version(session_id)
+            if found is None:
+                if known and await self.durable.deleted(session_id):
+                    await self.engine.call(lambda: engine.forget_session(session_id))
+                elif known:
+                    self.versions[session_id] = 0  # lost by the store: the next write creates it again
+                return  # unknown everywhere: the engine answers NOT_FOUND
+            session, version = found
+            if known and self.versions.get(session_id) == version:
+                return  # the copy parked here is the latest
+            snapshot = await self.durable.get_kv_snapshot(session_id) if self.persist_kv else None
         except SessionStoreError as exc:
+            if known:
+                return  # serve from the local copy; persisting will warn
             raise SessionStoreDown(f"session {session_id!r} is not on this decoder and the session store "
                                    f"failed: {exc}") from None
-        if found is None:
-            return  # the engine answers NOT_FOUND
-        session, version = found
         tensors, meta = snapshot if snapshot else (None, None)
         if meta and meta.get("session_version") != version:
             tensors = meta = None  # the snapshot lags the session (its write failed): re-prefill instead
-        await self.engine.call(lambda: self.engine.engine.import_session(session, tensors, meta))
+        await self.engine.call(lambda: engine.import_session(session, tensors, meta))
         self.versions[session_id] = version
 
     async def persist_session(self, session_id: str) -> list[str]:
@@ -179,7 +238,13 @@ class DecoderServicer:
         try:
             session, tensors, meta = await self.engine.call(
                 lambda: self.engine.engine.export_session(session_id, self.persist_kv))
-            version = await self.durable.put(session, self.versions.get(session_id, 0))
+            expected = self.versions.get(session_id, 0)
+            try:
+                version = await self.durable.put(session, expected)
+            except SessionVersionConflict as exc:
+                if exc.actual != 0:
+                    raise
+                version = await self.durable.put(session, 0)  # the key vanished during the turn: recreate it
             self.versions[session_id] = version
             if tensors is not None:
                 await self.durable.put_kv_snapshot(session_id, tensors, meta | {"session_version": version})
@@ -191,9 +256,15 @@ class DecoderServicer:
         return []
 
     async def GetSession(self, request, context):
+        if isinstance(request, UndecodableRequest):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request could not be parsed: {request.error} "
+                                "(session ids are ASCII)")
+        principal = self.principal(context)
         try:
+            check_session_id(request.session_id)
             await self.load_session(request.session_id)
-            session, resident = await self.engine.call(lambda: self.engine.engine.get_session(request.session_id))
+            session, resident = await self.engine.call(
+                lambda: self.engine.engine.get_session(request.session_id, principal))
         except RequestError as exc:
             await context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
         info = pb.SessionInfo(
@@ -212,19 +283,35 @@ class DecoderServicer:
         return info
 
     async def DeleteSession(self, request, context):
+        if isinstance(request, UndecodableRequest):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request could not be parsed: {request.error} "
+                                "(session ids are ASCII)")
         sid = request.session_id
-        deleted_durably = False
-        if self.durable is not None:
-            try:
-                deleted_durably = await self.durable.delete(sid)
-            except SessionStoreError as exc:
-                await context.abort(grpc.StatusCode.UNAVAILABLE, f"session store failed: {exc}")
-            self.versions.pop(sid, None)
+        principal = self.principal(context)
+        engine = self.engine.engine
         try:
-            await self.engine.call(lambda: self.engine.engine.delete_session(sid))
+            check_session_id(sid)
+            await self.load_session(sid)
+            # Ownership first: another principal's session is "unknown" and stays untouched.
+            known = await self.engine.call(lambda: engine.knows_session(sid))
+            if known:
+                await self.engine.call(lambda: engine.get_session(sid, principal))
+                if await self.engine.call(lambda: sid in engine.busy_sessions):
+                    raise SessionConflict(f"session {sid!r} is generating; cancel its stream first")
+            deleted_durably = False
+            if self.durable is not None:
+                try:
+                    deleted_durably = await self.durable.delete(sid)
+                except SessionStoreError as exc:
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, f"session store failed: {exc}")
+                self.versions.pop(sid, None)
+            try:
+                await self.engine.call(lambda: engine.delete_session(sid, principal))
+            except SessionNotFound:
+                if not deleted_durably:
+                    raise
         except RequestError as exc:
-            if not (deleted_durably and exc.code == "NOT_FOUND"):
-                await context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
+            await context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
         return pb.DeleteSessionResponse()
 
     async def GetModelInfo(self, request, context):
@@ -236,6 +323,13 @@ class DecoderServicer:
             kv_pool_bytes=e.pool.capacity_bytes, kv_bytes_per_slot=e.pool.slot_bytes,
             policies=available_policies(), device=str(e.device),
         )
+
+    async def GetServerInfo(self, request, context):
+        info = await self.engine.call(self.engine.engine.server_info)
+        info["kv_bytes_per_slot"] = info.pop("slot_bytes")
+        info["policy_circuit_state"] = info.pop("circuit_state")
+        info["policy_circuit_opened"] = info.pop("circuit_opened")
+        return pb.ServerInfo(step_failures=self.engine.step_failures, engine_alive=self.engine.alive, **info)
 
 
 def to_response(request_id: str, event, warnings: list[str] = ()) -> pb.GenerateResponse:
@@ -272,36 +366,58 @@ def add_decoder_service(server: grpc.aio.Server, servicer: DecoderServicer) -> N
             servicer.Generate, request_deserializer=tolerant(pb.GenerateRequest.FromString),
             response_serializer=pb.GenerateResponse.SerializeToString),
         "GetSession": grpc.unary_unary_rpc_method_handler(
-            servicer.GetSession, request_deserializer=pb.GetSessionRequest.FromString,
+            servicer.GetSession, request_deserializer=tolerant(pb.GetSessionRequest.FromString),
             response_serializer=pb.SessionInfo.SerializeToString),
         "DeleteSession": grpc.unary_unary_rpc_method_handler(
-            servicer.DeleteSession, request_deserializer=pb.DeleteSessionRequest.FromString,
+            servicer.DeleteSession, request_deserializer=tolerant(pb.DeleteSessionRequest.FromString),
             response_serializer=pb.DeleteSessionResponse.SerializeToString),
         "GetModelInfo": grpc.unary_unary_rpc_method_handler(
             servicer.GetModelInfo, request_deserializer=pb.GetModelInfoRequest.FromString,
             response_serializer=pb.ModelInfo.SerializeToString),
+        "GetServerInfo": grpc.unary_unary_rpc_method_handler(
+            servicer.GetServerInfo, request_deserializer=pb.GetServerInfoRequest.FromString,
+            response_serializer=pb.ServerInfo.SerializeToString),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
 
 
 class DecoderServer:
-    """A running decoder: engine thread + grpc.aio server + health + reflection."""
+    """A running decoder: engine thread + grpc.aio server + health + reflection (+ TLS and bearer auth)."""
 
-    def __init__(self, engine: Engine, address: str = "127.0.0.1:50051", session_store=None, persist_kv: bool = False):
+    def __init__(self, engine: Engine, address: str = "127.0.0.1:50051", session_store=None, persist_kv: bool = False,
+                 security=None):
         self.async_engine = AsyncEngine(engine)
         self.session_store = session_store
         self.persist_kv = persist_kv
+        self.security = security  # kvpilot.security.TransportSecurity or None (plaintext, no auth)
         self.address = address
         self.server: grpc.aio.Server | None = None
         self.health = None
+        self._watchdog: asyncio.Task | None = None
 
     async def start(self) -> str:
-        self.server = grpc.aio.server(options=SERVER_OPTIONS)
-        add_decoder_service(self.server, DecoderServicer(self.async_engine, self.session_store, self.persist_kv))
-        self.address, self.health = await start_grpc_server(self.server, self.address, SERVICE_NAME)
+        from kvpilot.security import server_interceptors
+
+        self.server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=server_interceptors(self.security))
+        auth = self.security.auth if self.security is not None else None
+        add_decoder_service(self.server, DecoderServicer(self.async_engine, self.session_store, self.persist_kv, auth))
+        self.address, self.health = await start_grpc_server(self.server, self.address, SERVICE_NAME, self.security)
+        self._watchdog = asyncio.get_running_loop().create_task(self._watch_engine())
         return self.address
 
+    async def _watch_engine(self) -> None:
+        """Health says NOT_SERVING once the engine thread is gone (a load balancer stops sending traffic)."""
+        from grpc_health.v1 import health_pb2
+
+        while self.async_engine.alive:
+            await asyncio.sleep(0.5)
+        log.error("the engine thread stopped; reporting NOT_SERVING")
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+
     async def stop(self, grace: float = 2.0) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         if self.health is not None:
             await self.health.enter_graceful_shutdown()
         if self.server is not None:
@@ -325,5 +441,6 @@ class DecoderServer:
 class BackgroundServer(_BackgroundServer):
     """A DecoderServer on its own event-loop thread (the demo, tests, benchmarks)."""
 
-    def __init__(self, engine: Engine, address: str = "127.0.0.1:0", session_store=None, persist_kv: bool = False):
-        super().__init__(DecoderServer(engine, address, session_store, persist_kv), name="kvpilot-grpc")
+    def __init__(self, engine: Engine, address: str = "127.0.0.1:0", session_store=None, persist_kv: bool = False,
+                 security=None):
+        super().__init__(DecoderServer(engine, address, session_store, persist_kv, security), name="kvpilot-grpc")

@@ -59,6 +59,7 @@ class SessionStore(Protocol):
     async def get_with_version(self, session_id: str) -> tuple[Session, int] | None: ...
     async def put(self, session: Session, expected_version: int | None = None) -> int: ...
     async def delete(self, session_id: str) -> bool: ...
+    async def deleted(self, session_id: str) -> bool: ...
     async def put_kv_snapshot(self, session_id: str, tensors: dict[str, torch.Tensor], meta: dict) -> None: ...
     async def get_kv_snapshot(self, session_id: str) -> tuple[dict[str, torch.Tensor], dict] | None: ...
     async def touch(self, session_id: str) -> bool: ...
@@ -82,6 +83,7 @@ def _encode_session(session: Session) -> dict[str, str]:
         "evicted_tokens": str(d["evicted_tokens"]),
         "created_at": repr(d["created_at"]),
         "updated_at": repr(d["updated_at"]),
+        "owner": d["owner"],
     }
 
 
@@ -98,6 +100,7 @@ def _decode_session(fields: dict[str, str]) -> Session:
         "evicted_tokens": int(fields["evicted_tokens"]),
         "created_at": float(fields["created_at"]),
         "updated_at": float(fields["updated_at"]),
+        "owner": fields.get("owner", ""),  # records written before sessions had owners belong to nobody
     })
 
 
@@ -173,6 +176,9 @@ class RedisSessionStore:
     def kv_key(self, session_id: str) -> str:
         return f"{self.prefix}session:{{{session_id}}}:kv"
 
+    def tombstone_key(self, session_id: str) -> str:
+        return f"{self.prefix}session:{{{session_id}}}:deleted"
+
     async def _call(self, what: str, coro):
         """Await a redis-py call, turning its errors into SessionStoreError subclasses that name the URL."""
         from redis import exceptions as rx
@@ -219,9 +225,18 @@ class RedisSessionStore:
         return bool(n)
 
     async def _delete(self, session_id: str) -> int:
+        # The tombstone (as long-lived as the session would have been) tells a decoder holding a local copy that
+        # the session was deleted on purpose, not lost with a Redis restart: it must not bring it back.
         async with self._redis.pipeline(transaction=True) as pipe:
-            removed, _ = await pipe.delete(self.session_key(session_id)).delete(self.kv_key(session_id)).execute()
+            pipe.delete(self.session_key(session_id)).delete(self.kv_key(session_id))
+            pipe.set(self.tombstone_key(session_id), b"1", px=self._ttl_ms)
+            removed, _, _ = await pipe.execute()
         return removed
+
+    async def deleted(self, session_id: str) -> bool:
+        found = await self._call(f"read tombstone of session {session_id!r}",
+                                 self._redis.exists(self.tombstone_key(session_id)))
+        return bool(found)
 
     async def put_kv_snapshot(self, session_id: str, tensors: dict[str, torch.Tensor], meta: dict) -> None:
         data = encode_kv_snapshot(tensors, meta)
@@ -279,6 +294,7 @@ class MemorySessionStore:
         self.ttl_s = ttl_s
         self._sessions: dict[str, tuple[dict[str, str], int, float]] = {}  # id -> (fields, version, expires_at)
         self._kv: dict[str, tuple[bytes, float]] = {}  # id -> (safetensors bytes, expires_at)
+        self._tombstones: dict[str, float] = {}  # id -> expires_at (see RedisSessionStore._delete)
         self._lock = threading.Lock()  # the store may be shared with non-asyncio threads
 
     def _live(self, table: dict, session_id: str):
@@ -323,7 +339,19 @@ class MemorySessionStore:
             self._kv.pop(session_id, None)
             found = self._live(self._sessions, session_id) is not None
             self._sessions.pop(session_id, None)
+            self._sweep_tombstones()
+            self._tombstones[session_id] = time.monotonic() + self.ttl_s
             return found
+
+    async def deleted(self, session_id: str) -> bool:
+        with self._lock:
+            self._sweep_tombstones()
+            return session_id in self._tombstones
+
+    def _sweep_tombstones(self) -> None:
+        now = time.monotonic()
+        for sid in [sid for sid, t in self._tombstones.items() if t <= now]:
+            del self._tombstones[sid]
 
     async def put_kv_snapshot(self, session_id: str, tensors: dict[str, torch.Tensor], meta: dict) -> None:
         data = encode_kv_snapshot(tensors, meta)

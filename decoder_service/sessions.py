@@ -30,6 +30,11 @@ class Session:
     evicted_tokens: int = 0
     created_at: float = field(default_factory=time.time)
     updated_at: float = field(default_factory=time.time)
+    owner: str = ""  # the principal that created it (with auth on, only it can see, continue or delete it)
+
+    def visible_to(self, principal: str | None) -> bool:
+        """Auth off (principal None) sees every session; a principal sees its own and ownerless ones."""
+        return principal is None or not self.owner or self.owner == principal
 
     def add_segment(self, start: int, end: int, kind: str) -> None:
         if end <= start:

@@ -20,6 +20,20 @@ from policy_service.frame import StatsFrame
 from policy_service.scorers.base import StatsSpec
 
 CARRIED = {"cumulative_attention", "decayed_attention"}
+RING = {"window_attention", "last_attention"}
+
+
+def ring_size(spec: StatsSpec) -> int:
+    ring = spec.window_queries if "window_attention" in spec.names else 0
+    return max(ring, 1) if "last_attention" in spec.names else ring
+
+
+def statistics_bytes(spec: StatsSpec, num_layers: int, num_kv_heads: int, num_heads: int, head_dim: int,
+                     capacity: int) -> int:
+    """Memory a SequenceStatistics holds outside the KV pool (admission control counts it: invariant 9)."""
+    carried = len(spec.names & CARRIED) * num_layers * num_kv_heads * capacity * 4
+    ring = ring_size(spec)
+    return carried + ring * (num_layers * num_heads * head_dim * 4 + 8)
 
 
 class SequenceStatistics:
@@ -31,9 +45,7 @@ class SequenceStatistics:
             name: torch.zeros(num_layers, num_kv_heads, capacity, dtype=torch.float32, device=device)
             for name in spec.names & CARRIED
         }
-        ring = spec.window_queries if "window_attention" in spec.names else 0
-        if "last_attention" in spec.names:
-            ring = max(ring, 1)
+        ring = ring_size(spec)
         self.ring_size = ring
         self.queries = torch.zeros(num_layers, num_heads, ring, head_dim, device=device) if ring else None
         self.query_positions = torch.zeros(ring, dtype=torch.long, device=device) if ring else None
@@ -42,6 +54,17 @@ class SequenceStatistics:
     @property
     def needs_probabilities(self) -> bool:
         return bool(self.accumulators)
+
+    @property
+    def ready(self) -> bool:
+        """Whether every declared statistic has evidence: a query ring with no query yet has none (a parked
+        session continued under a new policy compresses before its first step)."""
+        return self.ring_size == 0 or self.queries_seen > 0
+
+    @property
+    def nbytes(self) -> int:
+        ring = sum(t.numel() * t.element_size() for t in (self.queries, self.query_positions) if t is not None)
+        return ring + sum(a.numel() * a.element_size() for a in self.accumulators.values())
 
     # ---- carried statistics (called by the attention backend, once per layer per step) -------------
     def observe(self, layer: int, q: Tensor, probs: Tensor, positions: Tensor) -> None:
@@ -95,14 +118,16 @@ def build_frame(frame_id: int, session_id: str, kv: SequenceKV, stats: SequenceS
     L, H = kv.k.shape[:2]
     frame = StatsFrame(frame_id=frame_id, session_id=session_id, n=n, keep=keep, sinks=sinks, window=window,
                        num_layers=L, num_kv_heads=H, num_heads=num_heads, step=step, seed=seed,
-                       tool_segments=list(tool_segments))
+                       tool_segments=list(tool_segments), device=kv.k.device)
     names = spec.names
     keys, values = kv.k[:, :, :n], kv.v[:, :, :n]
     positions = kv.positions[:, :, :n]
     out = frame.stats
     for name in names & CARRIED:
         out[name] = stats.accumulators[name][:, :, :n].clone()
-    if "window_attention" in names or "last_attention" in names:
+    if names & RING:
+        if stats is None or not stats.ready:
+            raise ValueError("no query observed yet: window and last-query attention are undefined")
         window_probs = ring_attention(stats, keys, positions)  # [L, Hq, w, n], oldest query first
         if "window_attention" in names:
             out["window_attention"] = window_probs[:, :, -spec.window_queries:].mean(dim=2)
@@ -118,8 +143,8 @@ def build_frame(frame_id: int, session_id: str, kv: SequenceKV, stats: SequenceS
     if "key_redundancy" in names:
         out["key_redundancy"] = torch.stack([kernels.key_redundancy(keys[layer]) for layer in range(L)])
     if "kv_projection" in names:
-        rank = 20
-        gen = torch.Generator(device="cpu").manual_seed(seed)
+        rank = spec.projection_rank
+        gen = torch.Generator(device="cpu").manual_seed(seed)  # CPU: the same G for a seed on every device
         g = (torch.randn(keys.shape[-1], rank, generator=gen) / math.sqrt(rank)).to(keys.device)
         out["kv_projection"] = torch.stack(
             [(keys.float() @ g).pow(2).sum(-1), (values.float() @ g).pow(2).sum(-1)], dim=-1)

@@ -33,19 +33,21 @@ class BackgroundServer:
         self.stop()
 
 
-async def start_grpc_server(server, address: str, service_name: str):
-    """Add the standard grpc.health.v1 service and server reflection, bind `address` (port 0 = any free
-    port), start, and report SERVING. Returns (bound address, health servicer)."""
+async def start_grpc_server(server, address: str, service_name: str, security=None):
+    """Add the standard grpc.health.v1 service and (unless `security.reflection` is off) server reflection,
+    bind `address` (port 0 = any free port; TLS when `security` has a certificate), start, and report
+    SERVING. Returns (bound address, health servicer)."""
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
     from grpc_reflection.v1alpha import reflection
 
+    from kvpilot.security import bind
+
     servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
-    reflection.enable_server_reflection(
-        (service_name, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(address)
-    if port == 0:
-        raise RuntimeError(f"could not bind {address}")
+    if security is None or security.reflection:
+        reflection.enable_server_reflection(
+            (service_name, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
+    port = bind(server, address, security)
     await server.start()
     for service in ("", service_name):
         await servicer.set(service, health_pb2.HealthCheckResponse.SERVING)

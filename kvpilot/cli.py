@@ -11,10 +11,18 @@ from decoder_service.runtime import add_runtime_arguments, build_engine, runtime
 
 def cmd_serve(args) -> int:
     from decoder_service.server import DecoderServer
+    from kvpilot.security import server_security
     from kvpilot.telemetry import setup_telemetry
 
+    if args.session_ttl <= 0:
+        raise SystemExit(f"--session-ttl must be > 0 seconds (got {args.session_ttl})")
+    try:
+        security = server_security(args)
+        engine = build_engine(runtime_options(args))
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
     setup_telemetry("kvpilot-decoder")
-    engine = build_engine(runtime_options(args))
+    engine.store.ttl_s = args.session_ttl  # the engine's own copy expires like the durable one
 
     async def main() -> None:
         store = None
@@ -22,10 +30,13 @@ def cmd_serve(args) -> int:
             from decoder_service.session_store import make_session_store
 
             store = make_session_store(args.redis_url, ttl_s=args.session_ttl)
-        server = DecoderServer(engine, args.address, session_store=store, persist_kv=args.persist_kv)
+        server = DecoderServer(engine, args.address, session_store=store, persist_kv=args.persist_kv,
+                               security=security)
         await server.start()
-        print(f"kvpilot decoder serving {engine.loaded.name} on {server.address} "
-              f"(KV pool {engine.pool.capacity_bytes / 2**20:.0f} MiB, {engine.pool.capacity_slots} slots)", flush=True)
+        tls = "TLS" if security is not None and security.tls else "plaintext"
+        auth = "bearer auth" if security is not None and security.auth is not None else "no auth"
+        print(f"kvpilot decoder serving {engine.loaded.name} on {server.address} ({tls}, {auth}; "
+              f"KV pool {engine.pool.capacity_bytes / 2**20:.0f} MiB, {engine.pool.capacity_slots} slots)", flush=True)
         await server.serve_forever()
 
     asyncio.run(main())
@@ -63,8 +74,9 @@ def cmd_generate(args) -> int:
     import grpc
 
     from kvpilot.client import build_request, connect, format_usage, stream_to_terminal
+    from kvpilot.security import load_client_token
 
-    stub = connect(args.url)
+    stub = connect(args.url, tls_ca=args.tls_ca, token=load_client_token(args.auth_token_file))
     request = build_request(args.prompt, session_id=args.session or "", new_session=args.new_session,
                             tool_output=args.tool_output, **request_kwargs(args))
     try:
@@ -108,6 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--redis-url", help="durable session store shared by decoders (e.g. redis://127.0.0.1:6379/0)")
     p.add_argument("--persist-kv", action="store_true", help="also persist each session's compressed KV snapshot")
     p.add_argument("--session-ttl", type=float, default=3600.0, help="seconds an idle session is kept")
+    from kvpilot.security import add_client_arguments, add_server_arguments
+
+    add_server_arguments(p)
+    add_client_arguments(p, prefix="policy-", env_var="KVPILOT_POLICY_AUTH_TOKEN")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("up", help="the distributed shape on one machine: Redis + Ray-served policy + decoder")
@@ -122,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--new-session", action="store_true", help="start a session (its id is printed at the end)")
     p.add_argument("--tool-output", action="store_true", help="the prompt is a tool output (session segment)")
     p.add_argument("--timeout", type=float)
+    add_client_arguments(p)
     add_request_arguments(p)
     p.set_defaults(func=cmd_generate)
 

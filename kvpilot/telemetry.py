@@ -162,6 +162,10 @@ class DecoderMetrics:
                                               description="compressions done by the local fallback policy")
         self.dropped = meter.create_counter("kvpilot.policy.decisions_dropped", unit="1",
                                             description="decisions too late or superseded")
+        self.circuit = meter.create_counter("kvpilot.policy.circuit_transitions", unit="1",
+                                            description="policy circuit breaker state changes (attribute: new state)")
+        self.request_failures = meter.create_counter("kvpilot.request.failures", unit="1",
+                                                     description="requests ended by a fault (attribute: status code)")
         if pool is not None:
             meter.create_observable_gauge(
                 "kvpilot.kv.memory.usage", unit="By", description="KV bytes held by valid slots",

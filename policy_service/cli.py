@@ -19,6 +19,9 @@ def add_arguments(parser) -> None:
     p.add_argument("--initial-replicas", type=int)
     p.add_argument("--target-ongoing-requests", type=float, default=2.0)
     p.add_argument("--replica-cpus", type=float, default=0.25)
+    from kvpilot.security import add_server_arguments
+
+    add_server_arguments(p)  # plain gRPC only: Ray Serve's gRPC proxy is secured by the cluster's own config
     p.set_defaults(func=serve_cmd)
     p = sub.add_parser("describe", help="what each policy needs from the decoder and its parameters")
     p.add_argument("name", nargs="?", default="")
@@ -30,7 +33,16 @@ def serve_cmd(args) -> int:
 
     setup_telemetry("kvpilot-policy")
     host, _, port = args.address.rpartition(":")
+    from kvpilot.security import server_security
+
+    try:
+        security = server_security(args)
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
     if args.ray:
+        if security is not None:
+            raise SystemExit("error: --tls-cert/--auth-token-file/--no-reflection apply to the plain gRPC server; "
+                             "secure a Ray Serve gRPC proxy through the cluster's configuration")
         from policy_service import ray_app
 
         config = ray_app.RayPolicyConfig(grpc_port=int(port), redis_url=args.redis_url,
@@ -59,7 +71,7 @@ def serve_cmd(args) -> int:
             from policy_service.state import make_policy_state_store
 
             state = make_policy_state_store(args.redis_url)
-        server = PolicyServer(args.address, state=state)
+        server = PolicyServer(args.address, state=state, security=security)
         await server.start()
         print(f"kvpilot policy service on {server.address}", flush=True)
         stop = asyncio.Event()

@@ -47,6 +47,7 @@ class StatsFrame:
     seed: int  # for stochastic policies: derived from the request seed and the frame id
     stats: dict[str, Tensor] = field(default_factory=dict)
     tool_segments: list[tuple[int, int, int]] = field(default_factory=list)  # (start pos, end pos, index)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # where the statistics live
 
     @property
     def group_size(self) -> int:
@@ -54,14 +55,15 @@ class StatsFrame:
 
     def protected_mask(self, device=None) -> Tensor:
         """[n] bool: sinks and the recent window."""
-        mask = torch.zeros(self.n, dtype=torch.bool, device=device)
+        mask = torch.zeros(self.n, dtype=torch.bool, device=device or self.device)
         mask[: self.sinks] = True
         if self.window:
             mask[max(0, self.n - self.window):] = True
         return mask
 
     def generator(self) -> torch.Generator:
-        return torch.Generator().manual_seed(self.seed)
+        """Seeded from the frame, on the frame's device (a CPU generator cannot drive GPU sampling)."""
+        return torch.Generator(device=self.device).manual_seed(self.seed)
 
 
 @dataclass

@@ -12,6 +12,7 @@ import logging
 import os
 import socket
 import time
+from collections import OrderedDict
 
 import grpc
 
@@ -34,17 +35,23 @@ def replica_name() -> str:
 class PolicyCore:
     """Decide frames. Shared by the plain gRPC servicer and the Ray Serve deployment."""
 
+    MAX_CACHED_SCORERS = 256  # scorers built per (policy, params); clients choose params, so the cache is an LRU
+
     def __init__(self, state=None, replica: str | None = None):
         self.state = state
         self.replica = replica or replica_name()
         self.decided = 0
         self.state_errors = 0
-        self._scorers: dict[tuple, object] = {}
+        self._scorers: OrderedDict[tuple, object] = OrderedDict()
 
     def scorer(self, policy: str, params: dict[str, str]):
         key = (policy, tuple(sorted(params.items())))
-        if key not in self._scorers:
+        if key in self._scorers:
+            self._scorers.move_to_end(key)
+        else:
             self._scorers[key] = make_scorer(policy, params)
+            while len(self._scorers) > self.MAX_CACHED_SCORERS:
+                self._scorers.popitem(last=False)
         return self._scorers[key]
 
     async def decide(self, message: pb.StatsFrame, parent_context=None) -> pb.Decision:
@@ -60,7 +67,8 @@ class PolicyCore:
             except Exception as exc:  # answered in-band: the decoder falls back and reports it
                 log.warning("frame %d of %s: %s", message.frame_id, message.session_id, exc)
                 telemetry.record_decide_error(span, exc)
-                return pb.Decision(frame_id=message.frame_id, session_id=message.session_id, policy=message.policy,
+                return pb.Decision(frame_id=message.frame_id, session_id=message.session_id,
+                                   request_id=message.request_id, policy=message.policy,
                                    seed=message.seed, replica=self.replica, error=f"{type(exc).__name__}: {exc}")
             decision = Decision(frame_id=message.frame_id, plan=plan, policy=message.policy, seed=message.seed,
                                 latency_s=time.perf_counter() - start)
@@ -68,7 +76,8 @@ class PolicyCore:
             telemetry.annotate_decision(span, decision, kept, message.n)
         self.decided += 1
         await self.record(message, decision, kept)
-        return decision_to_pb(decision, session_id=message.session_id, replica=self.replica)
+        return decision_to_pb(decision, session_id=message.session_id, replica=self.replica,
+                              request_id=message.request_id)
 
     async def record(self, message: pb.StatsFrame, decision: Decision, kept: int) -> None:
         if self.state is None:
@@ -129,17 +138,21 @@ class PolicyServicer(policy_pb2_grpc.PolicyServicer):
 
 
 class PolicyServer:
-    def __init__(self, address: str = "127.0.0.1:50052", state=None):
+    def __init__(self, address: str = "127.0.0.1:50052", state=None, security=None):
         self.address = address
         self.core = PolicyCore(state)
+        self.security = security  # kvpilot.security.TransportSecurity or None
         self.server: grpc.aio.Server | None = None
         self.health = None
 
     async def start(self) -> str:
+        from kvpilot.security import server_interceptors
+
         self.server = grpc.aio.server(options=[("grpc.max_receive_message_length", 256 << 20),
-                                               ("grpc.max_send_message_length", 256 << 20)])
+                                               ("grpc.max_send_message_length", 256 << 20)],
+                                      interceptors=server_interceptors(self.security))
         policy_pb2_grpc.add_PolicyServicer_to_server(PolicyServicer(self.core), self.server)
-        self.address, self.health = await start_grpc_server(self.server, self.address, SERVICE_NAME)
+        self.address, self.health = await start_grpc_server(self.server, self.address, SERVICE_NAME, self.security)
         return self.address
 
     async def stop(self, grace: float = 1.0) -> None:
@@ -152,5 +165,5 @@ class PolicyServer:
 class BackgroundPolicyServer(BackgroundServer):
     """A PolicyServer on its own event-loop thread (tests, benchmarks)."""
 
-    def __init__(self, address: str = "127.0.0.1:0", state=None):
-        super().__init__(PolicyServer(address, state=state), name="kvpilot-policy", grace_s=0.2)
+    def __init__(self, address: str = "127.0.0.1:0", state=None, security=None):
+        super().__init__(PolicyServer(address, state=state, security=security), name="kvpilot-policy", grace_s=0.2)

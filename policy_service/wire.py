@@ -40,9 +40,10 @@ def tensor_from_pb(m: pb.Tensor) -> torch.Tensor:
     return t.view(torch.bfloat16) if dtype == torch.bfloat16 else t
 
 
-def frame_to_pb(frame: StatsFrame, policy: str, params: dict[str, str]) -> pb.StatsFrame:
+def frame_to_pb(frame: StatsFrame, policy: str, params: dict[str, str], request_id: str = "") -> pb.StatsFrame:
     return pb.StatsFrame(
-        frame_id=frame.frame_id, session_id=frame.session_id, policy=policy, params=params, n=frame.n,
+        frame_id=frame.frame_id, session_id=frame.session_id, request_id=request_id, policy=policy, params=params,
+        n=frame.n,
         keep=frame.keep, sinks=frame.sinks, window=frame.window, num_layers=frame.num_layers,
         num_kv_heads=frame.num_kv_heads, num_heads=frame.num_heads, step=frame.step, seed=frame.seed,
         stats={name: tensor_to_pb(t) for name, t in frame.stats.items()},
@@ -59,8 +60,9 @@ def frame_from_pb(m: pb.StatsFrame) -> StatsFrame:
     )
 
 
-def decision_to_pb(d: Decision, session_id: str = "", replica: str = "", error: str = "") -> pb.Decision:
-    m = pb.Decision(frame_id=d.frame_id, session_id=session_id, policy=d.policy, seed=d.seed,
+def decision_to_pb(d: Decision, session_id: str = "", replica: str = "", error: str = "",
+                   request_id: str = "") -> pb.Decision:
+    m = pb.Decision(frame_id=d.frame_id, session_id=session_id, request_id=request_id, policy=d.policy, seed=d.seed,
                     latency_ms=d.latency_s * 1e3, replica=replica, error=error)
     plan = d.plan
     if plan is None:

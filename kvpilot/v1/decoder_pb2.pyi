@@ -295,3 +295,64 @@ class ModelInfo(_message.Message):
     policies: _containers.RepeatedScalarFieldContainer[str]
     device: str
     def __init__(self, model_name: _Optional[str] = ..., model_type: _Optional[str] = ..., vocab_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., max_context: _Optional[int] = ..., kv_pool_bytes: _Optional[int] = ..., kv_bytes_per_slot: _Optional[int] = ..., policies: _Optional[_Iterable[str]] = ..., device: _Optional[str] = ...) -> None: ...
+
+class GetServerInfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ServerInfo(_message.Message):
+    __slots__ = ("pool_capacity_slots", "pool_reserved_slots", "pool_used_slots", "pool_free_slots", "pool_largest_free_region", "pool_capacity_bytes", "pool_reserved_bytes", "pool_used_bytes", "pool_free_bytes", "kv_bytes_per_slot", "stats_capacity_bytes", "stats_reserved_bytes", "running", "waiting", "parked_sessions", "parked_slots", "busy_sessions", "steps", "failures", "step_failures", "engine_alive", "policy_circuit_state", "policy_circuit_opened")
+    class FailuresEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    POOL_CAPACITY_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    POOL_RESERVED_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    POOL_USED_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    POOL_FREE_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    POOL_LARGEST_FREE_REGION_FIELD_NUMBER: _ClassVar[int]
+    POOL_CAPACITY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    POOL_RESERVED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    POOL_USED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    POOL_FREE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    KV_BYTES_PER_SLOT_FIELD_NUMBER: _ClassVar[int]
+    STATS_CAPACITY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    STATS_RESERVED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_FIELD_NUMBER: _ClassVar[int]
+    WAITING_FIELD_NUMBER: _ClassVar[int]
+    PARKED_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    PARKED_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    BUSY_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    FAILURES_FIELD_NUMBER: _ClassVar[int]
+    STEP_FAILURES_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_ALIVE_FIELD_NUMBER: _ClassVar[int]
+    POLICY_CIRCUIT_STATE_FIELD_NUMBER: _ClassVar[int]
+    POLICY_CIRCUIT_OPENED_FIELD_NUMBER: _ClassVar[int]
+    pool_capacity_slots: int
+    pool_reserved_slots: int
+    pool_used_slots: int
+    pool_free_slots: int
+    pool_largest_free_region: int
+    pool_capacity_bytes: int
+    pool_reserved_bytes: int
+    pool_used_bytes: int
+    pool_free_bytes: int
+    kv_bytes_per_slot: int
+    stats_capacity_bytes: int
+    stats_reserved_bytes: int
+    running: int
+    waiting: int
+    parked_sessions: int
+    parked_slots: int
+    busy_sessions: int
+    steps: int
+    failures: _containers.ScalarMap[str, int]
+    step_failures: int
+    engine_alive: bool
+    policy_circuit_state: str
+    policy_circuit_opened: int
+    def __init__(self, pool_capacity_slots: _Optional[int] = ..., pool_reserved_slots: _Optional[int] = ..., pool_used_slots: _Optional[int] = ..., pool_free_slots: _Optional[int] = ..., pool_largest_free_region: _Optional[int] = ..., pool_capacity_bytes: _Optional[int] = ..., pool_reserved_bytes: _Optional[int] = ..., pool_used_bytes: _Optional[int] = ..., pool_free_bytes: _Optional[int] = ..., kv_bytes_per_slot: _Optional[int] = ..., stats_capacity_bytes: _Optional[int] = ..., stats_reserved_bytes: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., parked_sessions: _Optional[int] = ..., parked_slots: _Optional[int] = ..., busy_sessions: _Optional[int] = ..., steps: _Optional[int] = ..., failures: _Optional[_Mapping[str, int]] = ..., step_failures: _Optional[int] = ..., engine_alive: _Optional[bool] = ..., policy_circuit_state: _Optional[str] = ..., policy_circuit_opened: _Optional[int] = ...) -> None: ...

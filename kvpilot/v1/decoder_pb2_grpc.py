@@ -54,6 +54,11 @@ class DecoderStub:
                 request_serializer=kvpilot_dot_v1_dot_decoder__pb2.GetModelInfoRequest.SerializeToString,
                 response_deserializer=kvpilot_dot_v1_dot_decoder__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.GetServerInfo = channel.unary_unary(
+                '/kvpilot.v1.Decoder/GetServerInfo',
+                request_serializer=kvpilot_dot_v1_dot_decoder__pb2.GetServerInfoRequest.SerializeToString,
+                response_deserializer=kvpilot_dot_v1_dot_decoder__pb2.ServerInfo.FromString,
+                _registered_method=True)
 
 
 class DecoderServicer:
@@ -84,6 +89,13 @@ class DecoderServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetServerInfo(self, request, context):
+        """Pool and scheduler state (like vLLM's GetServerInfo): memory in use, queues, parked sessions, faults.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DecoderServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -106,6 +118,11 @@ def add_DecoderServicer_to_server(servicer, server):
                     servicer.GetModelInfo,
                     request_deserializer=kvpilot_dot_v1_dot_decoder__pb2.GetModelInfoRequest.FromString,
                     response_serializer=kvpilot_dot_v1_dot_decoder__pb2.ModelInfo.SerializeToString,
+            ),
+            'GetServerInfo': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetServerInfo,
+                    request_deserializer=kvpilot_dot_v1_dot_decoder__pb2.GetServerInfoRequest.FromString,
+                    response_serializer=kvpilot_dot_v1_dot_decoder__pb2.ServerInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -216,6 +233,33 @@ class Decoder:
             '/kvpilot.v1.Decoder/GetModelInfo',
             kvpilot_dot_v1_dot_decoder__pb2.GetModelInfoRequest.SerializeToString,
             kvpilot_dot_v1_dot_decoder__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetServerInfo(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvpilot.v1.Decoder/GetServerInfo',
+            kvpilot_dot_v1_dot_decoder__pb2.GetServerInfoRequest.SerializeToString,
+            kvpilot_dot_v1_dot_decoder__pb2.ServerInfo.FromString,
             options,
             channel_credentials,
             insecure,

@@ -23,6 +23,21 @@ class StatsSpec:
     names: frozenset[str]
     window_queries: int = 0  # queries kept in the ring for window_attention
     decay: float = 0.9  # gamma of decayed_attention
+    projection_rank: int = 20  # columns of the Gaussian projection behind kv_projection
+
+
+# Hard caps every scorer applies to its own parameters (the policy service has no model context to check
+# against); the decoder further limits query windows to the model's context.
+MAX_WINDOW_QUERIES = 8192
+MAX_KERNEL = 255
+MAX_PROJECTION_RANK = 256
+
+
+def check_range(policy: str, name: str, value, low, high, *, odd: bool = False) -> None:
+    """Raise a ParameterError saying the accepted range when value is outside [low, high] (or even when odd)."""
+    if not low <= value <= high or (odd and value % 2 == 0):
+        kind = "an odd integer " if odd else ""
+        raise ParameterError(f"{policy}: {name} must be {kind}in [{low}, {high}] (got {value})")
 
 
 class ParameterError(ValueError):

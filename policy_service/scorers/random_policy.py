@@ -18,4 +18,4 @@ class Random(TopKScorer):
     name: ClassVar[str] = "random"
 
     def score(self, frame: StatsFrame) -> Tensor:
-        return torch.rand(frame.n, generator=frame.generator())
+        return torch.rand(frame.n, generator=frame.generator(), device=frame.device)

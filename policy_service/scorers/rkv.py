@@ -17,7 +17,8 @@ from typing import ClassVar
 from torch import Tensor
 
 from policy_service.frame import StatsFrame
-from policy_service.scorers.base import ParameterError, StatsSpec, TopKScorer, group_reduce, pool_slots
+from policy_service.scorers.base import (MAX_KERNEL, MAX_WINDOW_QUERIES, StatsSpec, TopKScorer, check_range, group_reduce,
+                                         pool_slots)
 
 
 @dataclass
@@ -31,10 +32,9 @@ class RKV(TopKScorer):
     kernel: int = 7
 
     def validate(self) -> None:
-        if not 0.0 <= self.lam <= 1.0:
-            raise ParameterError(f"rkv: lam must be in [0, 1] (got {self.lam})")
-        if self.window_queries < 1 or self.kernel < 1 or self.kernel % 2 == 0:
-            raise ParameterError("rkv: window_queries >= 1 and an odd kernel >= 1 are required")
+        check_range("rkv", "lam", self.lam, 0.0, 1.0)
+        check_range("rkv", "window_queries", self.window_queries, 1, MAX_WINDOW_QUERIES)
+        check_range("rkv", "kernel", self.kernel, 1, MAX_KERNEL, odd=True)
 
     def spec(self) -> StatsSpec:
         return StatsSpec(self.stats, window_queries=self.window_queries)

@@ -11,7 +11,8 @@ from typing import ClassVar
 from torch import Tensor
 
 from policy_service.frame import StatsFrame
-from policy_service.scorers.base import ParameterError, StatsSpec, TopKScorer, group_reduce, pool_slots
+from policy_service.scorers.base import (MAX_KERNEL, MAX_WINDOW_QUERIES, ParameterError, StatsSpec, TopKScorer, check_range,
+                                         group_reduce, pool_slots)
 
 
 @dataclass
@@ -25,8 +26,8 @@ class SnapKV(TopKScorer):
     pooling: str = "max"
 
     def validate(self) -> None:
-        if self.window_queries < 1 or self.kernel < 1 or self.kernel % 2 == 0:
-            raise ParameterError("snapkv: window_queries >= 1 and an odd kernel >= 1 are required")
+        check_range("snapkv", "window_queries", self.window_queries, 1, MAX_WINDOW_QUERIES)
+        check_range("snapkv", "kernel", self.kernel, 1, MAX_KERNEL, odd=True)
         if self.pooling not in ("max", "avg"):
             raise ParameterError("snapkv: pooling is max or avg")
 

@@ -22,4 +22,4 @@ class StreamingLLM(TopKScorer):
 
     def score(self, frame: StatsFrame) -> Tensor:
         # Slots are in position order in every row, so the slot index ranks recency.
-        return torch.arange(frame.n, dtype=torch.float32)
+        return torch.arange(frame.n, dtype=torch.float32, device=frame.device)

@@ -19,7 +19,8 @@ import torch
 from torch import Tensor
 
 from policy_service.frame import KeepSet, Plan, StatsFrame
-from policy_service.scorers.base import ParameterError, StatsSpec, TopKScorer, group_reduce, pool_slots, select_top
+from policy_service.scorers.base import (MAX_KERNEL, MAX_PROJECTION_RANK, MAX_WINDOW_QUERIES, ParameterError, StatsSpec,
+                                         TopKScorer, check_range, group_reduce, pool_slots, select_top)
 
 
 @dataclass
@@ -37,13 +38,14 @@ class VaSE(TopKScorer):
         if self.variant not in ("attnv", "dkv"):
             raise ParameterError(f"vase: variant is attnv or dkv (got {self.variant!r})")
         if not 0.0 <= self.large_fraction < 1.0:
-            raise ParameterError("vase: large_fraction must be in [0, 1)")
-        if self.window_queries < 1 or self.rank < 1:
-            raise ParameterError("vase: window_queries and rank must be >= 1")
+            raise ParameterError(f"vase: large_fraction must be in [0, 1) (got {self.large_fraction})")
+        check_range("vase", "window_queries", self.window_queries, 1, MAX_WINDOW_QUERIES)
+        check_range("vase", "smooth_kernel", self.smooth_kernel, 1, MAX_KERNEL)
+        check_range("vase", "rank", self.rank, 1, MAX_PROJECTION_RANK)
 
     def spec(self) -> StatsSpec:
         if self.variant == "dkv":
-            return StatsSpec(frozenset({"kv_projection"}))
+            return StatsSpec(frozenset({"kv_projection"}), projection_rank=self.rank)
         return StatsSpec(frozenset({"value_range", "window_attention"}), window_queries=self.window_queries)
 
     def score(self, frame: StatsFrame) -> Tensor:  # dkv
@@ -67,7 +69,7 @@ class VaSE(TopKScorer):
         # Reserved set: protected slots first (infinite range), then the largest value ranges.
         reserved_rank = value_range.masked_fill(protected, float("inf"))
         reserved = torch.topk(reserved_rank, int(protected.sum()) + n_large, dim=-1).indices
-        chosen = torch.zeros(L, H, n, dtype=torch.bool)
+        chosen = torch.zeros(L, H, n, dtype=torch.bool, device=value_range.device)
         chosen.scatter_(-1, reserved, True)
         attention = group_reduce(pool_slots(frame.stats["window_attention"].float(), self.smooth_kernel, "avg"), frame)
         weights = attention.masked_fill(chosen, 0.0).reshape(L * H, n)
