@@ -441,23 +441,35 @@ class Engine:
         if not batch:
             return False
         try:
-            logits, samplers = self._forward(batch)
+            logits = self._forward(batch)
         except Exception as exc:
-            # Find the sequence at fault: run each alone. Its writes to slots past `n` are simply redone.
+            # Find the sequence at fault: run each alone (nothing was committed, so nothing is fed twice).
             log.warning("batched forward of %d sequences failed (%s); retrying them one by one", len(batch), exc)
-            logits_rows, samplers, kept = [], [], []
+            rows, kept = [], []
             for item in batch:
                 try:
-                    one_logits, one_samplers = self._forward([item])
+                    rows.append(self._forward([item]))
                 except Exception as one_exc:
                     self.fail(item[0], one_exc)
                     continue
                 kept.append(item)
-                logits_rows.extend(one_logits)
-                samplers.extend(one_samplers)
             batch = kept
-            logits = torch.stack(logits_rows) if logits_rows else None
-        for row, seq in enumerate(samplers):
+            logits = torch.cat(rows) if rows else None
+        samplers, row = [], 0  # (logits row, sequence) of those that sample this step
+        for seq, n in batch:
+            samples = seq.num_computed + n == len(seq.token_ids)
+            row += samples
+            try:
+                seq.kv.commit(torch.arange(seq.num_computed, seq.num_computed + n, device=self.device))
+            except Exception as exc:
+                self.fail(seq, exc)
+                continue
+            seq.num_computed += n
+            seq.steps += 1
+            if samples:
+                samplers.append((row - 1, seq))
+        batch = [(seq, n) for seq, n in batch if seq.finish_reason is None]
+        for row, seq in samplers:
             try:
                 token = sample_token(logits[row], seq.request.sampling, seq.generator)
             except Exception as exc:
@@ -477,10 +489,11 @@ class Engine:
             self.expire_sessions()
         return True
 
-    def _forward(self, batch: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, list[Sequence]]:
-        """One model call over the batch's tokens; commits them to the KV. Returns the logits of the rows to
-        sample and their sequences."""
-        ids, positions, segments, sample_rows, samplers = [], [], [], [], []
+    def _forward(self, batch: list[tuple[Sequence, int]]) -> torch.Tensor:
+        """One model call over the batch's tokens (their K/V written past each sequence's `n`, not yet
+        committed). Returns the logits of the rows to sample, in batch order: one per sequence whose known
+        tokens are all fed after this step."""
+        ids, positions, segments, sample_rows = [], [], [], []
         cursor = 0
         for seq, n in batch:
             start = seq.num_computed
@@ -491,16 +504,10 @@ class Engine:
             cursor += n
             if start + n == len(seq.token_ids):
                 sample_rows.append(cursor - 1)
-                samplers.append(seq)
         input_ids = torch.tensor([ids], device=self.device)
         pos = torch.tensor([positions], device=self.device)
         rows = torch.tensor(sample_rows, device=self.device, dtype=torch.long)
-        logits = self.model(input_ids, pos, PoolAttention(segments), logits_at=rows)
-        for (seq, n), seg in zip(batch, segments):
-            seq.kv.commit(pos[0, seg.start:seg.start + n])
-            seq.num_computed += n
-            seq.steps += 1
-        return logits, samplers
+        return self.model(input_ids, pos, PoolAttention(segments), logits_at=rows)
 
     def _append_token(self, seq: Sequence, token: int) -> None:
         s = seq.request.sampling
