@@ -21,7 +21,6 @@ import collections
 import os
 import random
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -191,7 +190,7 @@ def run_job(job: dict, decoders: list[Decoder], sessions: list) -> list[dict]:
         result = stream(decoders[d].stub, request, cancel_after=job["cancel_after"])
         if job["request"].get("new_session"):
             if result["session"]:
-                sessions.append((result["session"], "OK|NOT_FOUND"))  # aborted before it was kept: not found
+                sessions.append((result["session"], "OK|NOT_FOUND"))  # NOT_FOUND: cancelled before the session was kept
             elif result["messages"]:
                 result["status"] = "NO_SESSION_METADATA"
         expected = "CANCELLED|OK"  # OK only if the stream ended before the cancel
@@ -223,6 +222,16 @@ def warm_up(decoders: list[Decoder], prefix: str) -> None:
         stream(d.stub, build_request(token_ids=[5, 6, 7], max_new_tokens=16, temperature=0, session_id=sid,
                                      new_session=True))
         d.stub.DeleteSession(pb.DeleteSessionRequest(session_id=sid), timeout=10)
+
+
+def found(decoder: Decoder, session_id: str) -> bool:
+    try:
+        decoder.stub.GetSession(pb.GetSessionRequest(session_id=session_id), timeout=10)
+        return True
+    except grpc.RpcError as exc:
+        if exc.code() != grpc.StatusCode.NOT_FOUND:
+            raise
+        return False
 
 
 def sample_rss(decoders: list[Decoder], samples: list, stop: threading.Event) -> None:
@@ -271,11 +280,16 @@ def main() -> int:
                     status = "OK"
                 except grpc.RpcError as exc:
                     status = exc.code().name
-                rows.append(dict(category="session", kind="delete", decoder=decoders[d].name, status=status,
+                rows.append(dict(category="delete", kind="delete", decoder=decoders[d].name, status=status,
                                  expected=expected, seconds=time.perf_counter() - start, max_gap_s=0.0, messages=0))
+            time.sleep(1.5)  # longer than the engine's 1 s sweep of expired sessions' parked KV
             infos = wait_idle(decoders)
             rss_end = [d.rss_mib() for d in decoders]
             alive = [d.proc.poll() is None for d in decoders]
+            # Diagnosis, after the measurement: GetSession makes a decoder check the store (a copy deleted
+            # elsewhere is dropped), so what stays reserved after it is held by sessions it still answers for.
+            known = [[sid for sid, _ in sessions if found(d, sid)] for d in decoders]
+            after_touch = [d.info() for d in decoders]
         finally:
             for d in decoders:
                 d.stop()
@@ -285,7 +299,7 @@ def main() -> int:
     counts = collections.Counter((r["category"], r["status"]) for r in rows)
     statuses = sorted({s for _, s in counts})
     print(f"\n{'category':<10}" + "".join(f"{s:>20}" for s in statuses))
-    for cat in CATEGORIES:
+    for cat in (*CATEGORIES, "delete"):
         print(f"{cat:<10}" + "".join(f"{counts.get((cat, s), 0):>20}" for s in statuses))
     gaps = [r["max_gap_s"] for r in rows if r["category"] == "innocent" and r["status"] == "OK"]
     summary = dict(requests=args.requests, rows=len(rows), sessions_deleted=len(sessions), run_s=run_s,
@@ -307,11 +321,16 @@ def main() -> int:
                     f"{d.name}_leaked_slots": info.pool_reserved_slots, f"{d.name}_parked_sessions": info.parked_sessions,
                     f"{d.name}_stats_reserved_bytes": info.stats_reserved_bytes,
                     f"{d.name}_failures": ";".join(f"{k}={v}" for k, v in sorted(info.failures.items())),
-                    f"{d.name}_step_failures": info.step_failures}
+                    f"{d.name}_step_failures": info.step_failures,
+                    f"{d.name}_reserved_after_get_session": after_touch[i].pool_reserved_slots,
+                    f"{d.name}_stats_bytes_after_get_session": after_touch[i].stats_reserved_bytes,
+                    f"{d.name}_deleted_sessions_still_found": len(known[i])}
         if info.pool_reserved_slots:
             problems.append(f"decoder {d.name}: {info.pool_reserved_slots} pool slots still reserved "
                             f"({info.parked_sessions} parked sessions, {info.parked_slots} parked slots) after every "
-                            "session was deleted")
+                            f"session was deleted; after a GetSession of every deleted id on it: "
+                            f"{after_touch[i].pool_reserved_slots} reserved, {after_touch[i].parked_sessions} parked, "
+                            f"{len(known[i])} deleted sessions still found there {known[i][:4]}")
         if not alive[i] or not info.engine_alive:
             problems.append(f"decoder {d.name}: process alive {alive[i]}, engine alive {info.engine_alive}")
     for r in rows:

@@ -16,8 +16,6 @@ import time
 import zlib
 from typing import Callable
 
-import grpc
-
 from kvpilot.security import secure_channel
 from kvpilot.v1 import policy_pb2 as pb
 from kvpilot.v1 import policy_pb2_grpc

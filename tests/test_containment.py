@@ -27,7 +27,6 @@ from decoder_service.requests import (
     InvalidRequest,
     ResourceExhausted,
     SamplingParams,
-    TokenEvent,
 )
 from decoder_service.server import SESSION_ID_METADATA, BackgroundServer
 from kvpilot.client import build_request, connect

@@ -3,7 +3,6 @@ decision is still out when a turn ends, a policy-service process stopped by pid 
 fallback that cannot work refused at start-up."""
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import socket
@@ -18,7 +17,7 @@ import redis
 
 from decoder_service.circuit_breaker import CircuitBreaker
 from decoder_service.remote_policy import RemotePolicy
-from decoder_service.requests import CompressionConfig, EvictionEvent, FinishEvent, GenerationRequest, SamplingParams
+from decoder_service.requests import CompressionConfig, EvictionEvent, GenerationRequest, SamplingParams
 from decoder_service.server import BackgroundServer
 from decoder_service.session_store import make_session_store
 from kvpilot.client import build_request, connect
