@@ -623,6 +623,13 @@ class Engine:
     def knows_session(self, session_id: str) -> bool:
         return self.store.get(session_id) is not None
 
+    def parked_sessions(self) -> list[str]:
+        return [sid for sid in self.resident if sid not in self.busy_sessions]
+
+    def drop_stale_parked(self, session_id: str) -> bool:
+        """Free a parked copy another decoder has superseded (not while a turn of it waits here)."""
+        return session_id not in self.busy_sessions and self.drop_resident(session_id)
+
     def forget_session(self, session_id: str) -> None:
         """Drop this decoder's copy (it was deleted elsewhere); an idle session only."""
         if session_id not in self.busy_sessions:

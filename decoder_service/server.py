@@ -137,6 +137,10 @@ class DecoderServicer:
                 await asyncio.shield(self.persist_session(gen.session_id))  # the history up to the fault stays
         finally:
             await stream.aclose()  # aborts the request in the engine if it has not finished
+            if final is None and failure is None and gen.session_id:
+                # The client went away: what was computed stays in the session, and the durable store must
+                # know it too, or no other decoder could find (or delete) the session.
+                await asyncio.shield(asyncio.ensure_future(self.persist_session(gen.session_id)))
             telemetry.end_generate_span(span, final, failure or (None if final else RuntimeError("stream cancelled")))
         if failure is not None:
             await context.abort(getattr(grpc.StatusCode, failure.code), str(failure))
@@ -187,6 +191,27 @@ class DecoderServicer:
             input_kind=SegmentKind.TOOL if request.input_kind == pb.INPUT_KIND_TOOL_OUTPUT else SegmentKind.USER,
             add_bos=request.add_bos if request.HasField("add_bos") else True,
         )
+
+    async def reconcile_parked(self) -> int:
+        """Drop parked KV the durable store has made useless: a session deleted on another decoder
+        (tombstone), or continued there (newer version; the next turn here would adopt the stored one
+        anyway). A session the store merely lost stays: the next write recreates it. Returns how many."""
+        if self.durable is None:
+            return 0
+        engine = self.engine.engine
+        parked = await self.engine.call(engine.parked_sessions)
+        if not parked:
+            return 0
+        states = await self.durable.versions(parked)
+        dropped = 0
+        for sid, (version, deleted) in states.items():
+            if deleted and version is None:
+                await self.engine.call(lambda sid=sid: engine.forget_session(sid))
+                self.versions.pop(sid, None)
+                dropped += 1
+            elif version is not None and version > self.versions.get(sid, 0):
+                dropped += await self.engine.call(lambda sid=sid: engine.drop_stale_parked(sid))
+        return dropped
 
     async def check_new_session(self, session_id: str) -> None:
         """A client-chosen id must be new everywhere, not only on this decoder."""
@@ -393,17 +418,30 @@ class DecoderServer:
         self.address = address
         self.server: grpc.aio.Server | None = None
         self.health = None
-        self._watchdog: asyncio.Task | None = None
+        self._tasks: list[asyncio.Task] = []
 
     async def start(self) -> str:
         from kvpilot.security import server_interceptors
 
         self.server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=server_interceptors(self.security))
         auth = self.security.auth if self.security is not None else None
-        add_decoder_service(self.server, DecoderServicer(self.async_engine, self.session_store, self.persist_kv, auth))
+        self.servicer = DecoderServicer(self.async_engine, self.session_store, self.persist_kv, auth)
+        add_decoder_service(self.server, self.servicer)
         self.address, self.health = await start_grpc_server(self.server, self.address, SERVICE_NAME, self.security)
-        self._watchdog = asyncio.get_running_loop().create_task(self._watch_engine())
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._watch_engine()), loop.create_task(self._reconcile())]
         return self.address
+
+    async def _reconcile(self, every_s: float = 1.0) -> None:
+        """Keep parked KV in step with the durable store (sessions deleted or continued on other decoders)."""
+        while self.session_store is not None:
+            await asyncio.sleep(every_s)
+            try:
+                await self.servicer.reconcile_parked()
+            except SessionStoreError as exc:
+                log.debug("parked-session reconciliation skipped: %s", exc)
+            except Exception:
+                log.exception("parked-session reconciliation failed")
 
     async def _watch_engine(self) -> None:
         """Health says NOT_SERVING once the engine thread is gone (a load balancer stops sending traffic)."""
@@ -416,8 +454,8 @@ class DecoderServer:
             await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
 
     async def stop(self, grace: float = 2.0) -> None:
-        if self._watchdog is not None:
-            self._watchdog.cancel()
+        for task in self._tasks:
+            task.cancel()
         if self.health is not None:
             await self.health.enter_graceful_shutdown()
         if self.server is not None:

@@ -60,6 +60,7 @@ class SessionStore(Protocol):
     async def put(self, session: Session, expected_version: int | None = None) -> int: ...
     async def delete(self, session_id: str) -> bool: ...
     async def deleted(self, session_id: str) -> bool: ...
+    async def versions(self, session_ids: list[str]) -> dict[str, tuple[int | None, bool]]: ...
     async def put_kv_snapshot(self, session_id: str, tensors: dict[str, torch.Tensor], meta: dict) -> None: ...
     async def get_kv_snapshot(self, session_id: str) -> tuple[dict[str, torch.Tensor], dict] | None: ...
     async def touch(self, session_id: str) -> bool: ...
@@ -238,6 +239,20 @@ class RedisSessionStore:
                                  self._redis.exists(self.tombstone_key(session_id)))
         return bool(found)
 
+    async def versions(self, session_ids: list[str]) -> dict[str, tuple[int | None, bool]]:
+        """session id -> (stored version or None when absent, deleted on purpose), in one round trip."""
+        async def read():
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for sid in session_ids:
+                    pipe.hget(self.session_key(sid), "version").exists(self.tombstone_key(sid))
+                return await pipe.execute()
+
+        if not session_ids:
+            return {}
+        raw = await self._call(f"read versions of {len(session_ids)} sessions", read())
+        return {sid: (int(raw[2 * i]) if raw[2 * i] is not None else None, bool(raw[2 * i + 1]))
+                for i, sid in enumerate(session_ids)}
+
     async def put_kv_snapshot(self, session_id: str, tensors: dict[str, torch.Tensor], meta: dict) -> None:
         data = encode_kv_snapshot(tensors, meta)
 
@@ -347,6 +362,15 @@ class MemorySessionStore:
         with self._lock:
             self._sweep_tombstones()
             return session_id in self._tombstones
+
+    async def versions(self, session_ids: list[str]) -> dict[str, tuple[int | None, bool]]:
+        with self._lock:
+            self._sweep_tombstones()
+            out = {}
+            for sid in session_ids:
+                entry = self._live(self._sessions, sid)
+                out[sid] = (entry[1] if entry is not None else None, sid in self._tombstones)
+            return out
 
     def _sweep_tombstones(self) -> None:
         now = time.monotonic()

@@ -94,6 +94,52 @@ def test_a_session_deleted_elsewhere_is_not_resurrected(two_decoders):
     assert info.parked_sessions == 0 and info.pool_reserved_slots == 0
 
 
+def wait_for(predicate, timeout_s=5.0):
+    deadline = time.monotonic() + timeout_s
+    while not predicate() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return predicate()
+
+
+def parked(stub):
+    info = stub.GetServerInfo(pb.GetServerInfoRequest())
+    return info.parked_sessions, info.pool_reserved_slots
+
+
+def test_parked_copies_follow_the_store(two_decoders):
+    """A copy superseded by a turn on the other decoder, or deleted there, is freed within a reconcile tick
+    (found by the soak benchmark: each decoder kept its copy until the id was used again)."""
+    a, b = two_decoders
+    sid = f"follow-{uuid.uuid4().hex}"
+    complete(a, turn(0, sid))
+    complete(b, turn(1, sid))  # A's parked copy is one version behind now
+    assert wait_for(lambda: parked(a) == (0, 0)), parked(a)
+    assert parked(b)[0] == 1
+    complete(a, turn(2, sid))  # A adopts the stored session; now B's copy is stale
+    assert wait_for(lambda: parked(b) == (0, 0)), parked(b)
+    a.DeleteSession(pb.DeleteSessionRequest(session_id=sid))
+    assert parked(a) == (0, 0)
+
+
+def test_a_cancelled_create_can_be_found_and_deleted_on_the_other_decoder(two_decoders):
+    a, b = two_decoders
+    call = a.Generate(build_request(token_ids=[5] * 30, max_new_tokens=400, temperature=0.0, new_session=True))
+    sid = dict(call.initial_metadata())["kvpilot-session-id"]
+    next(call)
+    call.cancel()
+
+    def found_on_b():
+        try:
+            return b.GetSession(pb.GetSessionRequest(session_id=sid)).turns == 1
+        except grpc.RpcError as exc:
+            assert exc.code() == grpc.StatusCode.NOT_FOUND
+            return False
+
+    assert wait_for(found_on_b)
+    b.DeleteSession(pb.DeleteSessionRequest(session_id=sid))
+    assert wait_for(lambda: parked(a) == (0, 0) and parked(b) == (0, 0)), (parked(a), parked(b))
+
+
 def test_a_client_chosen_id_must_be_new_on_every_decoder(two_decoders):
     a, b = two_decoders
     sid = f"dup-{uuid.uuid4().hex}"

@@ -115,6 +115,22 @@ async def test_delete_removes_session_and_snapshot(store_factory):
         await store.close()
 
 
+async def test_tombstones_and_versions_of_many(store_factory):
+    """A deletion leaves a tombstone (a lost key does not); `versions` reads many sessions at once."""
+    store = store_factory()
+    try:
+        await store.put(sample_session("kept"))
+        await store.put(sample_session("gone"))
+        await store.put(sample_session("kept"))
+        assert await store.delete("gone") is True
+        assert await store.deleted("gone") and not await store.deleted("kept") and not await store.deleted("never")
+        assert await store.versions(["kept", "gone", "never"]) == {
+            "kept": (2, False), "gone": (None, True), "never": (None, False)}
+        assert await store.versions([]) == {}
+    finally:
+        await store.close()
+
+
 async def test_ttl_set_refreshed_and_expires(store_factory):
     store = store_factory(ttl_s=2.0)
     try:
