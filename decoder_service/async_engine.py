@@ -16,10 +16,16 @@ import uuid
 from typing import AsyncIterator, Callable, TypeVar
 
 from decoder_service.engine import Engine
-from decoder_service.requests import Event, FinishEvent, GenerationRequest, InternalError
+from decoder_service.requests import Event, FinishEvent, GenerationRequest, InternalError, RequestError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+
+class EngineStopped(RequestError):
+    """The engine thread is not running (shut down, or died): nothing can be served."""
+
+    code = "UNAVAILABLE"
 
 
 class AsyncEngine:
@@ -36,6 +42,21 @@ class AsyncEngine:
 
     # ---- engine thread ------------------------------------------------------------------------------
     def _run(self) -> None:
+        try:
+            self._loop()
+        finally:
+            self._fail_commands(EngineStopped("the decoder's engine is not running; retry on another decoder"))
+
+    def _fail_commands(self, error: Exception) -> None:
+        while True:
+            try:
+                _, future = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if future.set_running_or_notify_cancel():
+                future.set_exception(error)
+
+    def _loop(self) -> None:
         last_sweep = time.monotonic()
         while not self._stopped:
             self._drain_commands()
@@ -79,6 +100,8 @@ class AsyncEngine:
         future: concurrent.futures.Future = concurrent.futures.Future()
         self._commands.put((fn, future))
         self._wake.set()
+        if not self.alive:  # it may have stopped before or while the command was queued
+            self._fail_commands(EngineStopped("the decoder's engine is not running; retry on another decoder"))
         return await asyncio.wrap_future(future)
 
     async def submit(self, request: GenerationRequest) -> AsyncIterator[Event]:

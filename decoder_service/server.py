@@ -350,11 +350,13 @@ class DecoderServicer:
         )
 
     async def GetServerInfo(self, request, context):
-        info = await self.engine.call(self.engine.engine.server_info)
+        # Read on the engine thread; if it is gone, read as is: an operator needs this most exactly then.
+        alive = self.engine.alive
+        info = await self.engine.call(self.engine.engine.server_info) if alive else self.engine.engine.server_info()
         info["kv_bytes_per_slot"] = info.pop("slot_bytes")
         info["policy_circuit_state"] = info.pop("circuit_state")
         info["policy_circuit_opened"] = info.pop("circuit_opened")
-        return pb.ServerInfo(step_failures=self.engine.step_failures, engine_alive=self.engine.alive, **info)
+        return pb.ServerInfo(step_failures=self.engine.step_failures, engine_alive=alive, **info)
 
 
 def to_response(request_id: str, event, warnings: list[str] = ()) -> pb.GenerateResponse:

@@ -524,3 +524,51 @@ def test_queued_request_leaves_when_its_deadline_passes(server):
     asyncio.run_coroutine_threadsafe(engine.call(lambda: engine.engine.pool.free(blocker.owner)), server.loop).result()
     final_msg = list(stub.Generate(build_request(token_ids=[5, 6], max_new_tokens=3, temperature=0.0)))[-1]
     assert final_msg.complete.usage.generated_tokens == 3
+
+
+def test_a_step_fault_outside_any_request_fails_running_streams_with_a_status(make_engine, monkeypatch):
+    """The last line of defence in the engine thread: a bug outside per-sequence containment ends what was
+    running with INTERNAL (never OK + ABORT), and the server keeps serving."""
+    engine = make_engine()
+    with BackgroundServer(engine) as srv:
+        stub = connect(srv.address)
+        real_schedule = engine._schedule
+        calls = {"n": 0}
+
+        def flaky_schedule():
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise RuntimeError("injected scheduler bug")
+            return real_schedule()
+
+        monkeypatch.setattr(engine, "_schedule", flaky_schedule)
+        with pytest.raises(grpc.RpcError) as exc:
+            list(stub.Generate(build_request(token_ids=PROMPT, max_new_tokens=30, temperature=0.0), timeout=30))
+        assert exc.value.code() == grpc.StatusCode.INTERNAL and "injected scheduler bug" in exc.value.details()
+        after = list(stub.Generate(build_request(token_ids=[5, 6], max_new_tokens=3, temperature=0.0), timeout=30))
+        assert after[-1].complete.usage.generated_tokens == 3
+        info = stub.GetServerInfo(pb.GetServerInfoRequest())
+        assert info.step_failures == 1 and info.pool_reserved_slots == 0
+
+
+def test_health_reports_not_serving_once_the_engine_thread_is_gone(make_engine):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with BackgroundServer(make_engine()) as srv:
+        health = health_pb2_grpc.HealthStub(grpc.insecure_channel(srv.address))
+        assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == health_pb2.HealthCheckResponse.SERVING
+        srv.server.async_engine._stopped = True  # the engine thread ends as if it had died
+        srv.server.async_engine._wake.set()
+        deadline = time.monotonic() + 5
+        status = None
+        while time.monotonic() < deadline:
+            status = health.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+            if status == health_pb2.HealthCheckResponse.NOT_SERVING:
+                break
+            time.sleep(0.1)
+        assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+        stub = connect(srv.address)
+        assert not stub.GetServerInfo(pb.GetServerInfoRequest()).engine_alive
+        with pytest.raises(grpc.RpcError) as exc:  # answered at once, not left hanging
+            list(stub.Generate(build_request(token_ids=[5], max_new_tokens=2), timeout=10))
+        assert exc.value.code() == grpc.StatusCode.UNAVAILABLE
