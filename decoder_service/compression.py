@@ -250,13 +250,16 @@ class Compressor:
             if keep is not None and kv.n > frame.n:
                 keep = with_new_slots(keep, frame.n, kv.n)
             if isinstance(plan, MergePlanSpec):
-                if kv.n > frame.n:
-                    raise ValueError("merge plans must be applied to their own snapshot")
-                kv.n = kernels.merge_(kv.k, kv.v, kv.positions,
-                                      kernels.MergePlan.from_groups(plan.groups, plan.weights, plan.anchors), kv.n)
+                # Slots that arrived after the snapshot stay, each a group of one (invariant 5).
+                late = range(frame.n, kv.n)
+                groups = list(plan.groups) + [[i] for i in late]
+                weights = list(plan.weights) + [[1.0] for _ in late]
+                anchors = list(plan.anchors) + list(late)
+                kv.n = kernels.merge_(kv.k, kv.v, kv.positions, kernels.MergePlan.from_groups(groups, weights, anchors),
+                                      kv.n)
                 merged = sum(len(g) - 1 for g in plan.groups)
                 if seq.stats is not None:
-                    seq.stats.merge(plan.groups, before)
+                    seq.stats.merge(groups, before)
             else:
                 kv.n = kernels.compact_(kv.k, kv.v, kv.positions, keep, kv.n)
                 if seq.stats is not None:
@@ -292,7 +295,7 @@ class Compressor:
                 raise ValueError(f"merge plan keeps {plan.count} slots, budget is {frame.keep}")
             return None
         if isinstance(plan, SpanDrop):
-            return span_keep_set(plan, kv, frame.n)
+            return span_keep_set(plan, kv, frame.n, frame.keep, frame.sinks)
         if not isinstance(plan, KeepSet):
             raise TypeError(f"unknown plan {type(plan).__name__}")
         keep = plan.indices.to(kv.k.device, torch.long)
@@ -352,13 +355,20 @@ def with_new_slots(keep: torch.Tensor, frame_n: int, n: int) -> torch.Tensor:
     return torch.cat([keep, new], dim=-1)
 
 
-def span_keep_set(plan: SpanDrop, kv, frame_n: int) -> torch.Tensor:
-    """Slots of the snapshot whose positions fall outside the dropped spans, per (layer, head)."""
+def span_keep_set(plan: SpanDrop, kv, frame_n: int, keep: int, sinks: int = 0) -> torch.Tensor:
+    """Slots of the snapshot whose positions fall outside the dropped spans, per (layer, head) [L, H, k].
+
+    After per-head compaction the heads hold different positions, so a span can remove a different number
+    of slots from each; and the spans alone may leave more than the budget. A recency top-up (what the
+    fallback keeps) then trims every head to the same count k = min(budget, fewest survivors of any head):
+    the most recent survivors stay, with the sinks (the first `sinks` survivors never go first)."""
     positions = kv.positions[:, :, :frame_n]
-    drop = torch.zeros_like(positions, dtype=torch.bool)
+    survives = torch.ones_like(positions, dtype=torch.bool)
     for start, end in plan.spans:
-        drop |= (positions >= start) & (positions < end)
-    counts = (~drop).sum(-1)
-    if not bool((counts == counts.flatten()[0]).all()):
-        raise ValueError("span drop would leave different slot counts per head (cache was compressed per head)")
-    return (~drop).nonzero()[:, 2].view(*positions.shape[:2], int(counts.flatten()[0]))
+        survives &= (positions < start) | (positions >= end)
+    k = min(keep, int(survives.sum(-1).min()))
+    # Rank survivors by position (most recent first, sinks above all); the k best per row stay, in slot order.
+    score = positions.float().masked_fill(torch.arange(frame_n, device=positions.device) < sinks, float("inf"))
+    score = score.masked_fill(~survives, float("-inf"))
+    top = torch.topk(score, k, dim=-1).indices
+    return torch.sort(top, dim=-1).values

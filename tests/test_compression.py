@@ -224,3 +224,68 @@ def test_session_turns_stay_compressed(make_engine):
     assert second.usage.peak_kv_slots <= 48 + 8 + 4
     session, resident = engine.get_session(first.session_id)
     assert resident <= 48 + 8 + 4 and len(session.token_ids) == 161 + 20 + 60 + 20
+
+
+# ---- plans under lag and span drops ---------------------------------------------------------------------------
+
+def running_sequence(engine, n_tokens=60):
+    """A full-cache sequence that has prefilled `n_tokens` and sampled (the tests apply plans to it by hand)."""
+    engine.add_request(GenerationRequest("p", list(range(3, 3 + n_tokens - 1)),
+                                         SamplingParams(temperature=0, max_new_tokens=30, ignore_eos=True)),
+                       lambda ev: None)
+    engine.step()
+    return engine.running[0]
+
+
+def frame_of(engine, seq, keep, sinks=2, window=4):
+    from decoder_service.statistics import build_frame
+    from policy_service.scorers.base import StatsSpec
+
+    return build_frame(1, "p", seq.kv, None, StatsSpec(frozenset()), seq.token_ids, [], keep=keep, sinks=sinks,
+                       window=window, num_heads=engine.model_config.num_heads, step=0, seed=0)
+
+
+def test_merge_plan_applies_after_the_sequence_decoded_past_its_snapshot(make_engine):
+    from policy_service.frame import Decision, MergePlanSpec
+
+    engine = make_engine()
+    seq = running_sequence(engine)
+    frame = frame_of(engine, seq, keep=40)
+    n0 = frame.n
+    for _ in range(3):
+        engine.step()  # three more slots arrive while the (remote) decision is out
+    assert seq.kv.n == n0 + 3
+    groups = [[i] for i in range(20)] + [[i, i + 1] for i in range(20, n0 - 1, 2)]
+    if (n0 - 20) % 2:
+        groups.append([n0 - 1])
+    plan = MergePlanSpec(groups=groups, weights=[[1.0 / len(g)] * len(g) for g in groups], anchors=[g[-1] for g in groups])
+    late_positions = seq.kv.positions[0, 0, n0:n0 + 3].clone()
+    assert engine.compressor.apply(engine, seq, frame, Decision(frame_id=1, plan=plan, policy="test"))
+    assert seq.kv.n == len(groups) + 3
+    assert torch.equal(seq.kv.positions[0, 0, len(groups):seq.kv.n], late_positions)  # kept, as singletons
+    assert seq.usage.merged_tokens == sum(len(g) - 1 for g in groups) and seq.usage.fallbacks == 0
+
+
+def test_span_drop_on_a_per_head_compressed_cache_keeps_equal_counts_and_the_budget(make_engine):
+    from policy_service.frame import Decision, KeepSet, SpanDrop
+
+    engine = make_engine()
+    seq = running_sequence(engine)
+    n = seq.kv.n
+    L, H = seq.kv.k.shape[:2]
+    # First a per-head compaction: each (layer, head) keeps a different 50 of the n slots.
+    gen = torch.Generator().manual_seed(0)
+    keep = torch.stack([torch.sort(torch.cat([torch.arange(2), 2 + torch.randperm(n - 2, generator=gen)[:48]])).values
+                        for _ in range(L * H)]).view(L, H, 50)
+    assert engine.compressor.apply(engine, seq, frame_of(engine, seq, keep=50), Decision(1, KeepSet(keep), "test"))
+    # Then drop the span of positions [10, 30): heads lose different numbers of slots.
+    positions = seq.kv.positions[:, :, :seq.kv.n].clone()
+    lost = ((positions >= 10) & (positions < 30)).sum(-1)
+    assert lost.min() != lost.max()
+    frame = frame_of(engine, seq, keep=30)
+    assert engine.compressor.apply(engine, seq, frame, Decision(2, SpanDrop([(10, 30)]), "test"))
+    after = seq.kv.positions[:, :, :seq.kv.n]
+    assert seq.kv.n <= 30 and seq.kv.n == min(30, int((50 - lost).min()))  # equal counts, within budget
+    assert not bool(((after >= 10) & (after < 30)).any())  # the span is gone from every head
+    assert bool((after[:, :, :2] == torch.arange(2)).all())  # the sinks stay
+    assert bool((after[:, :, -1] == positions[:, :, -1]).all())  # the most recent slot stays
