@@ -28,13 +28,14 @@ from benchmarks.common import RESULTS, write_csv
 from benchmarks.decode_throughput import SHAPES, make_model, sync
 from decoder_service.checkpoint import load_checkpoint
 from decoder_service.engine import Engine, EngineConfig
+from policy_service.local import InProcessPolicy
 from decoder_service.requests import CompressionConfig, GenerationRequest, SamplingParams
 
 
 
 def run_policy(loaded, prompts, args, policy: str) -> dict:
     engine = Engine(loaded, EngineConfig(max_running=len(prompts), max_batch_tokens=4096, prefill_chunk=512,
-                                         kv_pool_bytes=1 << 30))
+                                         kv_pool_bytes=1 << 30), policy=InProcessPolicy())
     compressor = engine.compressor
     plan_s, apply_s = [], []
     decide, apply = compressor.policy.decide, compressor.apply

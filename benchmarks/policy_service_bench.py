@@ -33,6 +33,7 @@ from benchmarks.common import RESULTS, write_csv
 from benchmarks.decode_throughput import make_model
 from decoder_service.checkpoint import load_checkpoint
 from decoder_service.engine import Engine, EngineConfig
+from policy_service.local import InProcessPolicy
 from decoder_service.remote_policy import RemotePolicy
 from decoder_service.requests import CompressionConfig, EvictionEvent, GenerationRequest, SamplingParams
 from policy_service.server import BackgroundPolicyServer
@@ -48,10 +49,10 @@ def free_port() -> int:
 
 def sample_frames(loaded, count: int):
     """Real frames: snapshot an h2o-compressed generation's cache at each compression."""
-    engine = Engine(loaded, EngineConfig(kv_pool_bytes=256 << 20, prefill_chunk=512))
+    engine = Engine(loaded, EngineConfig(kv_pool_bytes=256 << 20, prefill_chunk=512), policy=InProcessPolicy())
     frames = []
     decide = engine.compressor.policy.decide
-    engine.compressor.policy.decide = lambda f, s, p=None: (frames.append(f), decide(f, s))[1]
+    engine.compressor.policy.decide = lambda f, name, p=None: (frames.append(f), decide(f, name, p))[1]
     engine.generate([GenerationRequest("f", list(range(3, 300)), SamplingParams(temperature=0, max_new_tokens=64 * count,
                                                                                ignore_eos=True),
                                        compression=CompressionConfig(policy="h2o", budget=256, interval=64, window=32))])
@@ -65,7 +66,7 @@ def round_trips(client: RemotePolicy, frames, repeats: int) -> list[float]:
             frame.frame_id = r * len(frames) + i + 1
             frame.session_id = f"rt-{i % 4}"
             start = time.perf_counter()
-            key = client.submit(frame, None, "h2o", {}, {})
+            key = client.submit(frame, "h2o", {}, {})
             while (result := client.poll(key)) is None:
                 time.sleep(0.0002)
             assert not isinstance(result, Exception) and not result.note, result
@@ -82,7 +83,7 @@ def throughput(client: RemotePolicy, frames, seconds: float, submitters: int = 8
         while time.monotonic() < stop:
             # A copy per submission: the submitters share the sample frames.
             frame = dataclasses.replace(frames[i % len(frames)], frame_id=(w << 32) + i + 1, session_id=f"tp-{w}")
-            key = client.submit(frame, None, "h2o", {}, {})
+            key = client.submit(frame, "h2o", {}, {})
             while (result := client.poll(key)) is None:
                 time.sleep(0.0002)
             done[w] += 1
@@ -97,7 +98,7 @@ def throughput(client: RemotePolicy, frames, seconds: float, submitters: int = 8
 
 
 def staleness(loaded, client: RemotePolicy, interval: int, batch: int, new_tokens: int) -> dict:
-    engine = Engine(loaded, EngineConfig(kv_pool_bytes=256 << 20, max_running=batch, prefill_chunk=512))
+    engine = Engine(loaded, EngineConfig(kv_pool_bytes=256 << 20, max_running=batch, prefill_chunk=512), policy=InProcessPolicy())
     engine.compressor.policy = client
     events = []
     for i in range(batch):

@@ -37,7 +37,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 from benchmarks.common import RESULTS, write_csv
 from kvpilot.client import build_request, connect
 from kvpilot.tasks import make_episode
-from kvpilot.v1 import decoder_pb2 as pb
+from kvpilot_protocol.v1 import decoder_pb2 as pb
 
 CATEGORIES = ("innocent", "cancelled", "bad", "session", "deadline")
 POLICIES = ("rkv", "snapkv", "h2o", "streaming_llm")

@@ -104,6 +104,40 @@ class AsyncEngine:
             self._fail_commands(EngineStopped("the decoder's engine is not running; retry on another decoder"))
         return await asyncio.wrap_future(future)
 
+    async def describe(self, policy: str, params: dict[str, str]):
+        """The policy's description without blocking the event loop or the engine thread: a remote client
+        answers over its own loop, an in-process one in a worker thread (building a scorer may load weights).
+        Raises InvalidRequest for an unknown policy or bad parameters."""
+        from kvpilot_protocol.policy import PolicyDescription, PolicyRejected, PolicyUnavailable
+
+        from decoder_service.requests import InvalidRequest
+
+        client = self.engine.compressor.policy
+        try:
+            if policy == "full" or not hasattr(client, "describe_async"):
+                return await asyncio.to_thread(self.engine.describe, policy, dict(params))
+            key = (policy, tuple(sorted(params.items())))
+            description = await client.describe_async(policy, dict(params))
+            self.engine.remember_description(key, description)
+            return description
+        except PolicyRejected as exc:
+            raise InvalidRequest(str(exc)) from None
+        except PolicyUnavailable as exc:
+            log.warning("policy %r could not be described (%s): its compressions will use the fallback", policy, exc)
+            return PolicyDescription(policy=policy, provisional=True)
+
+    async def policies(self) -> list[str]:
+        from kvpilot_protocol.policy import PolicyUnavailable
+
+        client = self.engine.compressor.policy
+        if hasattr(client, "policies_async"):
+            try:
+                return sorted(set(await client.policies_async()) | {"full"})
+            except PolicyUnavailable as exc:
+                log.warning("policy service cannot list its policies: %s", exc)
+                return ["full"]
+        return await asyncio.to_thread(client.policies)
+
     async def submit(self, request: GenerationRequest) -> AsyncIterator[Event]:
         """Queue a request and return its event stream. Request errors (RequestError) are raised here, before
         anything is queued. The stream's last event is a FinishEvent; a request that failed raises its error

@@ -7,7 +7,8 @@ Admission control reserved budget + interval + max_lag slots (the lag is a remot
 sequence never holds more.
 
 Two kinds of policy sit behind the same interface:
-  in-process (`LocalPolicy`)  decides synchronously; the plan is applied in the same step;
+  in-process (policy_service.local.InProcessPolicy, handed in by the app)  decides synchronously; the plan
+                              is applied in the same step;
   remote (`RemotePolicy`)     `submit` sends the frame and returns at once; the sequence keeps decoding and
                               the decision is applied when it arrives (invariant 5: slots appended since the
                               snapshot are kept; a decision more than `max_lag` of the sequence's steps old,
@@ -29,24 +30,42 @@ import kernels
 from decoder_service.circuit_breaker import CircuitBreaker
 from decoder_service.requests import EvictionEvent, InternalError
 from decoder_service.statistics import build_frame
-from kvpilot import telemetry
-from policy_service.frame import Decision, KeepSet, MergePlanSpec, Plan, SpanDrop, StatsFrame
-from policy_service.registry import make_scorer
-from policy_service.scorers.base import Scorer
+from kvpilot_protocol import telemetry
+from kvpilot_protocol.frame import Decision, KeepSet, MergePlanSpec, Plan, SpanDrop, StatsFrame
+from kvpilot_protocol.policy import FULL, PolicyDescription, PolicyRejected
 
 log = logging.getLogger(__name__)
 
 
-class LocalPolicy:
-    """The embedded policy: the request's scorer plans synchronously in the decoder process."""
+class NoPolicy:
+    """What an engine built without a policy client serves: the full cache only."""
 
     asynchronous = False
 
-    def decide(self, frame: StatsFrame, scorer: Scorer, params: dict[str, str] | None = None) -> Decision:
-        start = time.perf_counter()
-        plan = scorer.plan(frame)
-        return Decision(frame_id=frame.frame_id, plan=plan, policy=scorer.name, seed=frame.seed,
-                        latency_s=time.perf_counter() - start)
+    def policies(self) -> list[str]:
+        return ["full"]
+
+    def describe(self, policy: str, params: dict[str, str] | None = None) -> PolicyDescription:
+        if policy != "full":
+            raise PolicyRejected(f"unknown policy {policy!r}: this decoder has no policy configured (only 'full')")
+        return FULL
+
+    def decide(self, frame: StatsFrame, policy: str, params=None) -> Decision:
+        raise PolicyRejected("no policy configured")
+
+
+class RecencyFallback:
+    """The built-in local fallback (StreamingLLM's keep set): the sinks and the most recent slots. It needs no
+    statistics, so it works exactly when a policy's decision or statistics are missing."""
+
+    name = "streaming_llm"
+
+    def plan(self, frame: StatsFrame) -> KeepSet | None:
+        if frame.n <= frame.keep:
+            return None
+        sinks = min(frame.sinks, frame.keep)
+        recent = torch.arange(frame.n - (frame.keep - sinks), frame.n, device=frame.device)
+        return KeepSet(torch.cat([torch.arange(sinks, device=frame.device), recent]))
 
 
 @dataclass
@@ -76,20 +95,11 @@ def frame_seed(request_seed: int, frame_id: int) -> int:
     return (request_seed * 1_000_003 + frame_id * 7919 + 1) % (2**63)
 
 
-def fallback_scorer(name: str) -> Scorer:
-    """The local fallback must work from the cache alone: it runs exactly when statistics may be missing."""
-    scorer = make_scorer(name)
-    if scorer.spec().names:
-        raise ValueError(f"fallback policy {name!r} needs statistics {sorted(scorer.spec().names)}; choose one that "
-                         "needs none (streaming_llm, random)")
-    return scorer
-
-
 class Compressor:
-    def __init__(self, policy=None, fallback: str = "streaming_llm", decision_timeout_s: float = 2.0, metrics=None,
+    def __init__(self, policy=None, fallback=None, decision_timeout_s: float = 2.0, metrics=None,
                  breaker: CircuitBreaker | None = None):
-        self.policy = policy or LocalPolicy()
-        self.fallback = fallback_scorer(fallback)
+        self.policy = policy or NoPolicy()  # a policy client (kvpilot_protocol.policy.PolicyClient)
+        self.fallback = fallback or RecencyFallback()  # `name` and `plan(frame)`; must need no statistics
         self.decision_timeout_s = decision_timeout_s  # a stalled sequence waits at most this long
         self.metrics = metrics
         self.breaker = breaker or CircuitBreaker(on_change=self._breaker_changed)
@@ -115,7 +125,7 @@ class Compressor:
                                     f"{self.breaker.consecutive_failures} failures; probing again in "
                                     f"{self.breaker.retry_in_s():.1f} s")
                 return
-            key = self.policy.submit(frame, seq.scorer, c.policy, c.params, telemetry.inject(span), request_id=seq.id)
+            key = self.policy.submit(frame, c.policy, c.params, telemetry.inject(span), request_id=seq.id)
             if key is None:
                 self.breaker.failure()
                 self.apply_fallback(engine, seq, frame, span, reason="policy service unavailable")
@@ -123,9 +133,9 @@ class Compressor:
             state.pending = PendingFrame(frame, key, span, time.monotonic(), seq.steps)
             return
         try:
-            decision = self.policy.decide(frame, seq.scorer, c.params)
+            decision = self.policy.decide(frame, c.policy, c.params)
         except Exception as exc:  # never stall, never die (invariant 6)
-            log.exception("policy %s failed on frame %d; applying the fallback", seq.scorer.name, frame.frame_id)
+            log.exception("policy %s failed on frame %d; applying the fallback", c.policy, frame.frame_id)
             self.apply_fallback(engine, seq, frame, span, reason=f"{type(exc).__name__}: {exc}")
             return
         self.apply_or_fallback(engine, seq, frame, decision, span)
@@ -186,7 +196,7 @@ class Compressor:
             return
         state.pending = None
         if self.metrics is not None:
-            self.metrics.round_trip.record(time.monotonic() - pending.sent_at, {"kvpilot.policy": seq.scorer.name})
+            self.metrics.round_trip.record(time.monotonic() - pending.sent_at, {"kvpilot.policy": seq.request.compression.policy})
         if isinstance(result, Exception):
             self.breaker.failure()
             self.apply_fallback(engine, seq, pending.frame, pending.span, reason=f"policy service: {result}")
@@ -204,7 +214,7 @@ class Compressor:
         session = seq.session
         tool_segments = [(s.start, s.end, s.index) for s in session.segments if s.kind == "tool"] if session else []
         frame = build_frame(
-            state.frames, session.id if session else seq.id, seq.kv, seq.stats, seq.scorer.spec(),
+            state.frames, session.id if session else seq.id, seq.kv, seq.stats, seq.spec,
             seq.token_ids, tool_segments, keep=c.budget, sinks=c.sinks, window=c.window,
             num_heads=engine.model_config.num_heads, step=len(seq.generated),
             seed=frame_seed(seq.usage.seed, state.frames))
@@ -329,7 +339,10 @@ class Compressor:
         if span is None:
             span = telemetry.start_compaction_span(seq.request.trace_parent, frame_id, self.fallback.name, fresh.n)
         try:
-            decision = LocalPolicy().decide(fresh, self.fallback)
+            start = time.perf_counter()
+            plan = self.fallback.plan(fresh)
+            decision = Decision(frame_id=frame_id, plan=plan, policy=self.fallback.name, seed=seed,
+                                latency_s=time.perf_counter() - start)
             self.apply(engine, seq, fresh, decision, fallback=True, reason=reason, span=span)
         except Exception as exc:
             telemetry.end_compaction_span(span, slots_after=seq.kv.n, evicted=0, merged=0, latency_s=0.0, staleness=0,

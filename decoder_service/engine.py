@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import random
 import re
+import threading
 import time
 import uuid
 from collections import OrderedDict, deque
@@ -59,9 +60,8 @@ from decoder_service.requests import (
 from decoder_service.sampling import sample_token
 from decoder_service.sessions import InMemorySessionStore, Session
 from decoder_service.statistics import SequenceStatistics, statistics_bytes
-from kvpilot.telemetry import DecoderMetrics
-from policy_service.registry import available_policies, make_scorer
-from policy_service.scorers.base import ParameterError, Scorer
+from kvpilot_protocol.telemetry import DecoderMetrics
+from kvpilot_protocol.policy import FULL, PolicyDescription, PolicyRejected, PolicyUnavailable, StatsSpec
 
 log = logging.getLogger(__name__)
 # Client-chosen session ids: short, printable, safe in Redis keys and logs. Server-made ids are uuid4 hex.
@@ -97,7 +97,7 @@ class Sequence:
     input_start: int  # index in token_ids where this request's input begins
     kv: SequenceKV | None = None
     stats: SequenceStatistics | None = None
-    scorer: Scorer | None = None
+    spec: StatsSpec = field(default_factory=lambda: FULL.spec)  # what the policy needs (from its description)
     compression_state: CompressionState = field(default_factory=CompressionState)
     session: Session | None = None
     generated: list[int] = field(default_factory=list)
@@ -133,7 +133,10 @@ StepHook = Callable[["Engine", Sequence], None]
 
 
 class Engine:
-    def __init__(self, loaded: LoadedModel, config: EngineConfig | None = None, store: InMemorySessionStore | None = None):
+    def __init__(self, loaded: LoadedModel, config: EngineConfig | None = None, store: InMemorySessionStore | None = None,
+                 policy=None, fallback=None):
+        """`policy`: the policy client (in-process or remote; None serves the full cache only); `fallback`: the
+        local policy used when no decision is there in time (default: the built-in StreamingLLM keep set)."""
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
@@ -148,18 +151,20 @@ class Engine:
         self.resident: OrderedDict[str, tuple[SequenceKV, SequenceStatistics | None, int]] = OrderedDict()
         self.busy_sessions: set[str] = set()
         self.metrics = DecoderMetrics(self.pool)
-        self.compressor = Compressor(metrics=self.metrics)
+        self.compressor = Compressor(policy=policy, fallback=fallback, metrics=self.metrics)
         self.step_hooks: list[StepHook] = [self.compressor]
         self.steps = 0
         self.stats_capacity_bytes = self.config.stats_memory_bytes or max(1 << 20, self.pool.capacity_bytes // 4)
         self.stats_reserved_bytes = 0  # running sequences' statistics + parked sessions' (parked_stats_bytes)
         self.parked_stats_bytes: dict[str, int] = {}
         self.failures: dict[str, int] = {}  # gRPC status code -> requests ended by a fault
+        self._descriptions: OrderedDict[tuple, PolicyDescription] = OrderedDict()
+        self._descriptions_lock = threading.Lock()
 
     # ---- requests -----------------------------------------------------------------------------------
     def add_request(self, request: GenerationRequest, emit: Callable[[Event], None]) -> Sequence:
         """Validate and queue a request. Raises a RequestError (nothing is queued then)."""
-        scorer = self._validate(request)
+        description = self._validate(request)
         session = self._open_session(request)
         history = session.token_ids if session else []
         input_ids = list(request.input_ids)
@@ -174,7 +179,7 @@ class Engine:
             raise InvalidRequest(f"request_id {request.request_id!r} is already in flight; use a unique id")
         # num_computed is settled at admission: a parked session KV may be dropped while this waits.
         seq = Sequence(request=request, emit=emit, token_ids=history + input_ids, num_computed=0,
-                       input_start=len(history), session=session, scorer=scorer)
+                       input_start=len(history), session=session, spec=description.spec)
         seq.reserved_slots = self._footprint(seq)
         if seq.reserved_slots > self.pool.capacity_slots:
             raise ResourceExhausted(
@@ -229,7 +234,36 @@ class Engine:
         return bool(self.waiting or self.running)
 
     # ---- validation ---------------------------------------------------------------------------------
-    def _validate(self, request: GenerationRequest) -> Scorer:
+    def describe(self, policy: str, params: dict[str, str]) -> PolicyDescription:
+        """The policy's description, cached per (policy, params) (thread-safe: the event loop warms the cache
+        for remote policies so the engine thread never waits on the network). Raises PolicyRejected."""
+        if policy == "full":
+            if params:
+                raise PolicyRejected(f"policy 'full' takes no parameters (got {sorted(params)})")
+            return FULL
+        key = (policy, tuple(sorted(params.items())))
+        with self._descriptions_lock:
+            if key in self._descriptions:
+                self._descriptions.move_to_end(key)
+                return self._descriptions[key]
+        try:
+            description = self.compressor.policy.describe(policy, dict(params))
+        except PolicyUnavailable as exc:
+            # Never stall, never die: serve the request; every compression falls back (counted, reported).
+            log.warning("policy %r could not be described (%s): its compressions will use the fallback", policy, exc)
+            return PolicyDescription(policy=policy, provisional=True)
+        self.remember_description(key, description)
+        return description
+
+    def remember_description(self, key: tuple, description: PolicyDescription) -> None:
+        if description.provisional:
+            return
+        with self._descriptions_lock:
+            self._descriptions[key] = description
+            while len(self._descriptions) > 256:
+                self._descriptions.popitem(last=False)
+
+    def _validate(self, request: GenerationRequest) -> PolicyDescription:
         s, c = request.sampling, request.compression
         if not request.input_ids and not request.session_id:
             raise InvalidRequest("prompt is empty: send text or token_ids")
@@ -257,7 +291,9 @@ class Engine:
             raise InvalidRequest(f"stop token id {bad[0]} is outside the vocabulary [0, {vocab})")
         if request.session_id:
             check_session_id(request.session_id)
-        return validate_compression(c, self.model_config.max_position_embeddings)
+        resolved = request.policy_description
+        describe = self.describe if resolved is None else (lambda policy, params: resolved)
+        return validate_compression(c, self.model_config.max_position_embeddings, describe)
 
     def _check_lengths(self, total: int, request: GenerationRequest) -> None:
         context = self.model_config.max_position_embeddings
@@ -297,7 +333,7 @@ class Engine:
 
     def _stats_bytes(self, seq: Sequence, capacity: int) -> int:
         c = self.model_config
-        return statistics_bytes(seq.scorer.spec(), c.num_layers, c.num_kv_heads, c.num_heads, c.head_dim, capacity)
+        return statistics_bytes(seq.spec, c.num_layers, c.num_kv_heads, c.num_heads, c.head_dim, capacity)
 
     # ---- scheduling ---------------------------------------------------------------------------------
     def _expire_waiting(self) -> None:
@@ -357,13 +393,13 @@ class Engine:
             if resident is not None:
                 _, stats, seq.num_computed = resident
                 seq.usage.cached_tokens = seq.num_computed
-                if stats is not None and stats.spec != seq.scorer.spec():
+                if stats is not None and stats.spec != seq.spec:
                     stats = None  # the policy changed between turns: start its statistics afresh
                 if stats is not None:
                     stats.resize(seq.kv.capacity, seq.kv.n)
             else:
                 seq.num_computed = 0
-            spec = seq.scorer.spec()
+            spec = seq.spec
             if stats is None and spec.names:
                 c = self.model_config
                 stats = SequenceStatistics(spec, c.num_layers, c.num_kv_heads, c.num_heads, c.head_dim,
@@ -404,8 +440,10 @@ class Engine:
     def _schedule(self) -> list[tuple[Sequence, int]]:
         budget = self.config.max_batch_tokens
         batch: list[tuple[Sequence, int]] = []
+        compressing = self.compressor in self.step_hooks  # tests may drive the cadence by hand
         for seq in list(self.running):
-            if seq.compression_state.pending is not None or seq.kv.free_slots == 0 or self.compressor.due(self, seq):
+            state = seq.compression_state
+            if state.pending is not None or seq.kv.free_slots == 0 or (compressing and self.compressor.due(self, seq)):
                 # Pick up a remote decision that arrived, or compress a sequence that reached its point (a parked
                 # session continued under a smaller budget has no room at all).
                 self._run_hooks(seq, (self.compressor,))
@@ -416,7 +454,8 @@ class Engine:
                 budget -= 1
         for seq in ready:
             if seq.in_prefill and budget > 0:
-                chunk = min(seq.pending, self.config.prefill_chunk, budget, self.compressor.room(seq))
+                room = self.compressor.room(seq) if compressing else seq.kv.free_slots
+                chunk = min(seq.pending, self.config.prefill_chunk, budget, room)
                 if chunk > 0:
                     batch.append((seq, chunk))
                     budget -= chunk
@@ -706,29 +745,27 @@ class Engine:
         return [results[r.request_id] for r in requests]
 
 
-def validate_compression(c: CompressionConfig, context: int | None = None) -> Scorer:
-    """Check a compression config and build its scorer (raises InvalidRequest with what to fix).
+def validate_compression(c: CompressionConfig, context: int | None, describe) -> PolicyDescription:
+    """Check a compression config against the policy's description (raises InvalidRequest with what to fix).
 
-    `context` (the model's) bounds the policy's query window: its ring is allocated up front, and no more
-    queries than the context can ever be observed. Budget, interval and lag need no such bound: the footprint
-    is min(sequence, budget + interval + max_lag), so a budget past the context just never compresses."""
+    `describe(policy, params)` is the policy client's (cached); `context` (the model's) bounds the policy's
+    query window: its ring is allocated up front, and no more queries than the context can ever be observed.
+    Budget, interval and lag need no such bound: the footprint is min(sequence, budget + interval + max_lag),
+    so a budget past the context just never compresses."""
     try:
-        scorer = make_scorer(c.policy, c.params)
-    except KeyError:
-        raise InvalidRequest(f"unknown policy {c.policy!r}; available: {', '.join(available_policies())}") from None
-    except ParameterError as exc:
+        description = describe(c.policy, c.params)
+    except PolicyRejected as exc:
         raise InvalidRequest(str(exc)) from None
     if c.budget < 0 or c.interval < 1 or c.window < 0 or c.sinks < 0 or c.max_lag < 0:
         raise InvalidRequest("compression budget, window, sinks and max_lag must be >= 0 and interval >= 1")
-    if context is not None:
-        queries = scorer.spec().window_queries
-        if queries > context:
-            raise InvalidRequest(f"policy {c.policy!r}: window_queries {queries} exceeds the model's context of "
-                                 f"{context} (no more queries can ever be observed)")
+    queries = description.spec.window_queries
+    if context is not None and queries > context:
+        raise InvalidRequest(f"policy {c.policy!r}: window_queries {queries} exceeds the model's context of "
+                             f"{context} (no more queries can ever be observed)")
     if c.policy != "full" and c.budget == 0:
         raise InvalidRequest(f"policy {c.policy!r} needs a budget (KV slots to keep) > 0")
     if c.budget and c.budget <= c.protected:
         raise InvalidRequest(
             f"budget {c.budget} must exceed the protected sinks + window ({c.sinks} + {c.window} = {c.protected})"
         )
-    return scorer
+    return description

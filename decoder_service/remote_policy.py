@@ -10,24 +10,24 @@ when the service is back.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import threading
 import time
 import zlib
 from typing import Callable
 
-from kvpilot.security import secure_channel
-from kvpilot.v1 import policy_pb2 as pb
-from kvpilot.v1 import policy_pb2_grpc
-from policy_service.frame import Decision, StatsFrame
-from policy_service.wire import decision_from_pb, frame_to_pb
+import grpc
+
+from kvpilot_protocol.policy import PolicyDescription, PolicyRejected, PolicyUnavailable
+from kvpilot_protocol.security import secure_channel
+from kvpilot_protocol.v1 import policy_pb2 as pb
+from kvpilot_protocol.v1 import policy_pb2_grpc
+from kvpilot_protocol.frame import Decision, StatsFrame
+from kvpilot_protocol.wire import decision_from_pb, description_from_pb, frame_to_pb
 
 log = logging.getLogger(__name__)
 APP_METADATA = (("application", "kvpilot-policy"),)
-
-
-class PolicyUnavailable(ConnectionError):
-    pass
 
 
 class RemotePolicy:
@@ -51,6 +51,7 @@ class RemotePolicy:
         self.sent = 0
         self.received = 0
         self._closing = False
+        self._describe_channel = None  # unary Describe calls (their own channel: the Decide streams are long-lived)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="kvpilot-policy-client", daemon=True)
         self._thread.start()
@@ -67,7 +68,7 @@ class RemotePolicy:
             time.sleep(0.01)
         return self.available
 
-    def submit(self, frame: StatsFrame, scorer, policy: str, params: dict[str, str], trace_context: dict,
+    def submit(self, frame: StatsFrame, policy: str, params: dict[str, str], trace_context: dict,
                request_id: str = "") -> object:
         """Queue a frame; returns a key for `poll`, or None when the service is unreachable right now.
 
@@ -88,6 +89,46 @@ class RemotePolicy:
         self._loop.call_soon_threadsafe(queue.put_nowait, message)
         self.sent += 1
         return key
+
+    def describe(self, policy: str, params: dict[str, str], timeout_s: float = 5.0) -> PolicyDescription:
+        """`Policy.Describe`, blocking (callers off the event loop: tests, eval). Raises PolicyRejected for an
+        unknown policy or bad parameters, PolicyUnavailable when the service cannot answer."""
+        future = asyncio.run_coroutine_threadsafe(self._describe(policy, params), self._loop)
+        try:
+            return future.result(timeout_s)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise PolicyUnavailable(f"policy service at {self.url} did not describe {policy!r} in {timeout_s} s") from None
+
+    async def describe_async(self, policy: str, params: dict[str, str]) -> PolicyDescription:
+        """The same from any event loop (the decoder's gRPC server warms the engine's cache with it)."""
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self._describe(policy, params), self._loop))
+
+    def policies(self) -> list[str]:
+        return sorted(d.policy for d in self._describe_all())
+
+    async def policies_async(self) -> list[str]:
+        found = await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self._describe_call(pb.DescribeRequest()),
+                                                                           self._loop))
+        return sorted(d.policy for d in found.policies)
+
+    def _describe_all(self):
+        return asyncio.run_coroutine_threadsafe(self._describe_call(pb.DescribeRequest()), self._loop).result(5.0).policies
+
+    async def _describe(self, policy: str, params: dict[str, str]) -> PolicyDescription:
+        response = await self._describe_call(pb.DescribeRequest(policy=policy, params=dict(params)))
+        return description_from_pb(response.policies[0])
+
+    async def _describe_call(self, request: pb.DescribeRequest) -> pb.DescribeResponse:
+        if self._describe_channel is None:
+            self._describe_channel = secure_channel(self.url, tls_ca=self.tls_ca, token=self._token, aio=True)
+        stub = policy_pb2_grpc.PolicyStub(self._describe_channel)
+        try:
+            return await stub.Describe(request, metadata=APP_METADATA, timeout=self.connect_timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                raise PolicyRejected(exc.details()) from None
+            raise PolicyUnavailable(f"policy service at {self.url}: {exc.code().name}: {exc.details()}") from None
 
     def poll(self, key) -> Decision | Exception | None:
         with self._lock:

@@ -116,6 +116,9 @@ class GenerationRequest:
     trace_parent: object = field(default=None, compare=False, repr=False)  # the `generate` span, if traced
     deadline: float | None = None  # time.monotonic() after which the request ends with DEADLINE_EXCEEDED
     principal: str | None = None  # the authenticated caller (sessions belong to their creator); None = auth off
+    # The policy's description, resolved on the event loop before queueing (so the engine thread never waits
+    # for a remote Describe); None: the engine asks its policy client (cached).
+    policy_description: object = field(default=None, compare=False, repr=False)
 
 
 class FinishReason(str, Enum):

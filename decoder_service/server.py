@@ -32,11 +32,10 @@ from decoder_service.requests import (
     TokenEvent,
 )
 from decoder_service.session_store import SessionStoreError, SessionVersionConflict
-from kvpilot import telemetry
-from kvpilot.background import BackgroundServer as _BackgroundServer
-from kvpilot.background import start_grpc_server
-from kvpilot.v1 import decoder_pb2 as pb
-from policy_service.registry import available_policies
+from kvpilot_protocol import telemetry
+from kvpilot_protocol.background import BackgroundServer as _BackgroundServer
+from kvpilot_protocol.background import start_grpc_server
+from kvpilot_protocol.v1 import decoder_pb2 as pb
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Decoder"].full_name
@@ -81,7 +80,7 @@ class DecoderServicer:
         self.engine = engine
         self.durable = durable  # SessionStore (Redis) shared by decoder processes; None = this process only
         self.persist_kv = persist_kv
-        self.auth = auth  # kvpilot.security.BearerAuth: who the caller is (the interceptor already checked)
+        self.auth = auth  # kvpilot_protocol.security.BearerAuth: who the caller is (the interceptor already checked)
         self.versions: dict[str, int] = {}  # session -> version this process last read or wrote
         self.tokenizer = engine.engine.tokenizer
         self.model_name = engine.engine.loaded.name
@@ -107,6 +106,7 @@ class DecoderServicer:
             if gen.create_session and not gen.session_id:
                 gen.session_id = uuid.uuid4().hex  # chosen here so the client learns it before any token
             span = gen.trace_parent = telemetry.start_generate_span(self.model_name, gen)
+            gen.policy_description = await self.engine.describe(gen.compression.policy, gen.compression.params)
             if gen.session_id:
                 check_session_id(gen.session_id)
                 if gen.create_session:
@@ -346,7 +346,7 @@ class DecoderServicer:
             model_name=e.loaded.name, model_type=c.model_type, vocab_size=c.vocab_size, num_layers=c.num_layers,
             num_kv_heads=c.num_kv_heads, head_dim=c.head_dim, max_context=c.max_position_embeddings,
             kv_pool_bytes=e.pool.capacity_bytes, kv_bytes_per_slot=e.pool.slot_bytes,
-            policies=available_policies(), device=str(e.device),
+            policies=await self.engine.policies(), device=str(e.device),
         )
 
     async def GetServerInfo(self, request, context):
@@ -416,14 +416,14 @@ class DecoderServer:
         self.async_engine = AsyncEngine(engine)
         self.session_store = session_store
         self.persist_kv = persist_kv
-        self.security = security  # kvpilot.security.TransportSecurity or None (plaintext, no auth)
+        self.security = security  # kvpilot_protocol.security.TransportSecurity or None (plaintext, no auth)
         self.address = address
         self.server: grpc.aio.Server | None = None
         self.health = None
         self._tasks: list[asyncio.Task] = []
 
     async def start(self) -> str:
-        from kvpilot.security import server_interceptors
+        from kvpilot_protocol.security import server_interceptors
 
         self.server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=server_interceptors(self.security))
         auth = self.security.auth if self.security is not None else None

@@ -16,8 +16,8 @@ from torch import Tensor
 
 import kernels
 from decoder_service.kv_pool import SequenceKV
-from policy_service.frame import StatsFrame
-from policy_service.scorers.base import StatsSpec
+from kvpilot_protocol.frame import StatsFrame
+from kvpilot_protocol.policy import StatsSpec
 
 CARRIED = {"cumulative_attention", "decayed_attention"}
 RING = {"window_attention", "last_attention"}

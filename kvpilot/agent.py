@@ -138,7 +138,7 @@ def run_episode_grpc(stub, episode: Episode, tokenizer, out: TextIO = sys.stdout
                      window: int | None = None) -> EpisodeResult:
     """One episode over gRPC with streaming output: the model's turns as they stream, tool outputs dimmed."""
     from kvpilot.client import build_request
-    from kvpilot.v1 import decoder_pb2 as pb
+    from kvpilot_protocol.v1 import decoder_pb2 as pb
 
     stop_ids, stop_strings = stop_criteria(episode, tokenizer)
     result = EpisodeResult(episode)

@@ -6,13 +6,13 @@ import asyncio
 import logging
 import sys
 
-from decoder_service.runtime import add_runtime_arguments, build_engine, runtime_options
+from kvpilot.runtime import add_runtime_arguments, build_engine, runtime_options
 
 
 def cmd_serve(args) -> int:
     from decoder_service.server import DecoderServer
-    from kvpilot.security import server_security
-    from kvpilot.telemetry import setup_telemetry
+    from kvpilot_protocol.security import server_security
+    from kvpilot_protocol.telemetry import setup_telemetry
 
     if args.session_ttl <= 0:
         raise SystemExit(f"--session-ttl must be > 0 seconds (got {args.session_ttl})")
@@ -74,7 +74,7 @@ def cmd_generate(args) -> int:
     import grpc
 
     from kvpilot.client import build_request, connect, format_usage, stream_to_terminal
-    from kvpilot.security import load_client_token
+    from kvpilot_protocol.security import load_client_token
 
     stub = connect(args.url, tls_ca=args.tls_ca, token=load_client_token(args.auth_token_file))
     request = build_request(args.prompt, session_id=args.session or "", new_session=args.new_session,
@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--redis-url", help="durable session store shared by decoders (e.g. redis://127.0.0.1:6379/0)")
     p.add_argument("--persist-kv", action="store_true", help="also persist each session's compressed KV snapshot")
     p.add_argument("--session-ttl", type=float, default=3600.0, help="seconds an idle session is kept")
-    from kvpilot.security import add_client_arguments, add_server_arguments
+    from kvpilot_protocol.security import add_client_arguments, add_server_arguments
 
     add_server_arguments(p)
     add_client_arguments(p, prefix="policy-", env_var="KVPILOT_POLICY_AUTH_TOKEN")

@@ -4,13 +4,13 @@ from __future__ import annotations
 import sys
 from typing import TextIO
 
-from kvpilot.v1 import decoder_pb2 as pb
-from kvpilot.v1 import decoder_pb2_grpc
+from kvpilot_protocol.v1 import decoder_pb2 as pb
+from kvpilot_protocol.v1 import decoder_pb2_grpc
 
 
 def connect(address: str, tls_ca: str | None = None, token: str | None = None) -> decoder_pb2_grpc.DecoderStub:
     """A Decoder stub; TLS when `tls_ca` is set, `authorization: Bearer` when `token` is."""
-    from kvpilot.security import secure_channel
+    from kvpilot_protocol.security import secure_channel
 
     return decoder_pb2_grpc.DecoderStub(secure_channel(address, tls_ca=tls_ca, token=token))
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 import time
 
-from decoder_service.runtime import build_engine, runtime_options
+from kvpilot.runtime import build_engine, runtime_options
 from decoder_service.server import BackgroundServer
 from kvpilot.client import build_request, connect, format_usage, stream_to_terminal
 

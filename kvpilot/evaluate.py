@@ -91,7 +91,7 @@ def append_csv(path: Path, rows: list[EvalRow]) -> None:
 
 
 def add_arguments(p) -> None:
-    from decoder_service.runtime import add_runtime_arguments
+    from kvpilot.runtime import add_runtime_arguments
 
     add_runtime_arguments(p)
     p.add_argument("--task", choices=sorted(TASKS), default="multihop")
@@ -110,7 +110,7 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     from rich.progress import Progress
 
-    from decoder_service.runtime import build_engine, runtime_options
+    from kvpilot.runtime import build_engine, runtime_options
 
     engine = build_engine(runtime_options(args))
     episodes = episodes_for(args.task, args.n, args.difficulty)

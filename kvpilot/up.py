@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 
 import grpc
 
-from decoder_service.runtime import add_runtime_arguments, build_engine, runtime_options
+from kvpilot.runtime import add_runtime_arguments, build_engine, runtime_options
 
 
 def add_arguments(p) -> None:
@@ -68,8 +68,8 @@ def start_policy(args) -> subprocess.Popen:
            "--max-replicas", str(args.max_replicas)]
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
     proc = subprocess.Popen(cmd, env=env)
-    from kvpilot.v1 import policy_pb2 as pb
-    from kvpilot.v1 import policy_pb2_grpc
+    from kvpilot_protocol.v1 import policy_pb2 as pb
+    from kvpilot_protocol.v1 import policy_pb2_grpc
     from decoder_service.remote_policy import APP_METADATA
 
     stub = policy_pb2_grpc.PolicyStub(grpc.insecure_channel(args.policy_address))

@@ -19,7 +19,7 @@ def add_arguments(parser) -> None:
     p.add_argument("--initial-replicas", type=int)
     p.add_argument("--target-ongoing-requests", type=float, default=2.0)
     p.add_argument("--replica-cpus", type=float, default=0.25)
-    from kvpilot.security import add_server_arguments
+    from kvpilot_protocol.security import add_server_arguments
 
     add_server_arguments(p)  # plain gRPC only: Ray Serve's gRPC proxy is secured by the cluster's own config
     p.set_defaults(func=serve_cmd)
@@ -29,11 +29,11 @@ def add_arguments(parser) -> None:
 
 
 def serve_cmd(args) -> int:
-    from kvpilot.telemetry import setup_telemetry
+    from kvpilot_protocol.telemetry import setup_telemetry
 
     setup_telemetry("kvpilot-policy")
     host, _, port = args.address.rpartition(":")
-    from kvpilot.security import server_security
+    from kvpilot_protocol.security import server_security
 
     try:
         security = server_security(args)
@@ -86,7 +86,7 @@ def serve_cmd(args) -> int:
 
 
 def describe_cmd(args) -> int:
-    from kvpilot.v1 import policy_pb2 as pb
+    from kvpilot_protocol.v1 import policy_pb2 as pb
     from policy_service.server import PolicyCore
 
     for d in PolicyCore().describe(pb.DescribeRequest(policy=args.name)).policies:

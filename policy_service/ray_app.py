@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from ray import serve
 from ray.serve.grpc_util import gRPCInputStream
 
-from kvpilot.v1 import policy_pb2 as pb
+from kvpilot_protocol.v1 import policy_pb2 as pb
 from policy_service.server import PolicyCore
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ class RayPolicyConfig:
 @serve.deployment(name="Policy")
 class PolicyDeployment:
     def __init__(self, redis_url: str | None = None):
-        from kvpilot.telemetry import setup_telemetry
+        from kvpilot_protocol.telemetry import setup_telemetry
 
         setup_telemetry("kvpilot-policy")  # replicas export their own `decide` spans when OTEL_* asks
         state = None

@@ -1,6 +1,9 @@
 """Policy registry: policy name -> scorer class. One scorer per file under policy_service/scorers/."""
 from __future__ import annotations
 
+import dataclasses
+
+from kvpilot_protocol.policy import PolicyDescription
 from policy_service.scorers.base import Scorer
 from policy_service.scorers.full import Full
 from policy_service.scorers.h2o import H2O
@@ -29,3 +32,12 @@ def policy_class(name: str) -> type[Scorer]:
 def make_scorer(name: str, params: dict[str, str] | None = None) -> Scorer:
     """Build a scorer from a policy name and the request's string parameters (raises KeyError/ParameterError)."""
     return policy_class(name).from_params(params)
+
+
+def describe(scorer: Scorer) -> PolicyDescription:
+    """What a decoder needs to know of a built scorer: its statistics and its parameters."""
+    cls = type(scorer)
+    doc = (cls.__doc__ or "").strip().splitlines()
+    return PolicyDescription(policy=cls.name, summary=doc[0] if doc else "", spec=scorer.spec(),
+                             parameters=tuple((f.name, type(f.default).__name__, str(getattr(scorer, f.name)))
+                                              for f in dataclasses.fields(cls)))

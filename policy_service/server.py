@@ -12,17 +12,16 @@ import logging
 import os
 import socket
 import time
-from collections import OrderedDict
 
 import grpc
 
-from kvpilot.v1 import policy_pb2 as pb
-from kvpilot.v1 import policy_pb2_grpc
-from kvpilot import telemetry
-from kvpilot.background import BackgroundServer, start_grpc_server
-from policy_service.frame import Decision, KeepSet
-from policy_service.registry import POLICIES, make_scorer, policy_class
-from policy_service.wire import decision_to_pb, describe, frame_from_pb
+from kvpilot_protocol.v1 import policy_pb2 as pb
+from kvpilot_protocol.v1 import policy_pb2_grpc
+from kvpilot_protocol import telemetry
+from kvpilot_protocol.background import BackgroundServer, start_grpc_server
+from kvpilot_protocol.frame import Decision, KeepSet
+from kvpilot_protocol.wire import decision_to_pb, description_to_pb, frame_from_pb
+from policy_service.local import InProcessPolicy
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Policy"].full_name
@@ -35,24 +34,15 @@ def replica_name() -> str:
 class PolicyCore:
     """Decide frames. Shared by the plain gRPC servicer and the Ray Serve deployment."""
 
-    MAX_CACHED_SCORERS = 256  # scorers built per (policy, params); clients choose params, so the cache is an LRU
-
-    def __init__(self, state=None, replica: str | None = None):
+    def __init__(self, state=None, replica: str | None = None, policies: dict | None = None):
         self.state = state
         self.replica = replica or replica_name()
         self.decided = 0
         self.state_errors = 0
-        self._scorers: OrderedDict[tuple, object] = OrderedDict()
+        self.local = InProcessPolicy(policies)  # the scorers, cached per (policy, params)
 
     def scorer(self, policy: str, params: dict[str, str]):
-        key = (policy, tuple(sorted(params.items())))
-        if key in self._scorers:
-            self._scorers.move_to_end(key)
-        else:
-            self._scorers[key] = make_scorer(policy, params)
-            while len(self._scorers) > self.MAX_CACHED_SCORERS:
-                self._scorers.popitem(last=False)
-        return self._scorers[key]
+        return self.local.scorer(policy, params)
 
     async def decide(self, message: pb.StatsFrame, parent_context=None) -> pb.Decision:
         with telemetry.decide_span(message, self.replica, parent_context) as span:
@@ -91,8 +81,10 @@ class PolicyCore:
                         message.session_id, exc)
 
     def describe(self, request: pb.DescribeRequest) -> pb.DescribeResponse:
-        names = [request.policy] if request.policy else sorted(POLICIES)
-        return pb.DescribeResponse(policies=[describe(policy_class(n), dict(request.params)) for n in names])
+        """Raises PolicyRejected (unknown policy, invalid parameters): answered INVALID_ARGUMENT."""
+        names = [request.policy] if request.policy else self.local.policies()
+        return pb.DescribeResponse(policies=[description_to_pb(self.local.describe(n, dict(request.params)))
+                                             for n in names])
 
 
 class PolicyServicer(policy_pb2_grpc.PolicyServicer):
@@ -138,15 +130,15 @@ class PolicyServicer(policy_pb2_grpc.PolicyServicer):
 
 
 class PolicyServer:
-    def __init__(self, address: str = "127.0.0.1:50052", state=None, security=None):
+    def __init__(self, address: str = "127.0.0.1:50052", state=None, security=None, policies: dict | None = None):
         self.address = address
-        self.core = PolicyCore(state)
-        self.security = security  # kvpilot.security.TransportSecurity or None
+        self.core = PolicyCore(state, policies=policies)
+        self.security = security  # kvpilot_protocol.security.TransportSecurity or None
         self.server: grpc.aio.Server | None = None
         self.health = None
 
     async def start(self) -> str:
-        from kvpilot.security import server_interceptors
+        from kvpilot_protocol.security import server_interceptors
 
         self.server = grpc.aio.server(options=[("grpc.max_receive_message_length", 256 << 20),
                                                ("grpc.max_send_message_length", 256 << 20)],
@@ -165,5 +157,6 @@ class PolicyServer:
 class BackgroundPolicyServer(BackgroundServer):
     """A PolicyServer on its own event-loop thread (tests, benchmarks)."""
 
-    def __init__(self, address: str = "127.0.0.1:0", state=None, security=None):
-        super().__init__(PolicyServer(address, state=state, security=security), name="kvpilot-policy", grace_s=0.2)
+    def __init__(self, address: str = "127.0.0.1:0", state=None, security=None, policies: dict | None = None):
+        super().__init__(PolicyServer(address, state=state, security=security, policies=policies),
+                         name="kvpilot-policy", grace_s=0.2)

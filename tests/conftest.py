@@ -83,9 +83,12 @@ def tiny_model(make_checkpoint):
 
 @pytest.fixture
 def make_engine(tiny_model):
+    """make_engine(**EngineConfig fields) -> an engine with the in-process policy (as `kvpilot serve` composes it)."""
+    from policy_service.local import InProcessPolicy
+
     def make(**config) -> Engine:
         config.setdefault("kv_pool_bytes", 2 << 20)
-        return Engine(tiny_model, EngineConfig(**config))
+        return Engine(tiny_model, EngineConfig(**config), policy=InProcessPolicy())
 
     return make
 

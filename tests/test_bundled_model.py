@@ -98,7 +98,7 @@ def test_recent_window_cache_hurts_multihop(loaded):
 
 @pytest.fixture(scope="module")
 def engine():
-    from decoder_service.runtime import RuntimeOptions, build_engine
+    from kvpilot.runtime import RuntimeOptions, build_engine
 
     return build_engine(RuntimeOptions(model=str(MODEL_DIR), threads=2))
 

@@ -81,7 +81,7 @@ def test_kvpilot_up_serves_with_ray_policy_and_redis(tmp_path, redis_url):
         import redis
 
         assert redis.Redis.from_url(redis_url).exists(f"kvpilot:session:{{{final.session_id}}}")
-        from kvpilot.v1 import decoder_pb2 as pb
+        from kvpilot_protocol.v1 import decoder_pb2 as pb
 
         stub.DeleteSession(pb.DeleteSessionRequest(session_id=final.session_id))
     finally:

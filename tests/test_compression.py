@@ -112,7 +112,7 @@ def test_per_head_keep_sets_differ_but_counts_are_equal(make_engine):
 
 def test_stale_and_superseded_decisions(make_engine):
     """Invariant 5: slots appended after the snapshot are kept; old or superseded decisions are dropped."""
-    from decoder_service.compression import LocalPolicy
+    from policy_service.local import InProcessPolicy
 
     engine = make_engine(prefill_chunk=64)
     engine.step_hooks.remove(engine.compressor)  # drive the compressor by hand
@@ -126,10 +126,10 @@ def test_stale_and_superseded_decisions(make_engine):
     seq = seqs[0]
     comp = engine.compressor
     first, _ = comp.snapshot(engine, seq)
-    assert comp.apply(engine, seq, first, LocalPolicy().decide(first, seq.scorer)) and seq.kv.n == 40
+    assert comp.apply(engine, seq, first, InProcessPolicy().decide(first, "h2o")) and seq.kv.n == 40
     # A frame, then two more decode steps before its decision arrives (staleness 2 <= max_lag 3).
     frame, _ = comp.snapshot(engine, seq)
-    decision = LocalPolicy().decide(frame, seq.scorer)
+    decision = InProcessPolicy().decide(frame, "h2o")
     engine.step()
     engine.step()
     newest = seq.kv.positions[0, 0, seq.kv.n - 2:seq.kv.n].tolist()
@@ -139,13 +139,13 @@ def test_stale_and_superseded_decisions(make_engine):
     # The next frame is superseded once another plan lands first.
     old, _ = comp.snapshot(engine, seq)
     newer, _ = comp.snapshot(engine, seq)
-    assert comp.apply(engine, seq, newer, LocalPolicy().decide(newer, seq.scorer))
-    assert not comp.apply(engine, seq, old, LocalPolicy().decide(old, seq.scorer))
+    assert comp.apply(engine, seq, newer, InProcessPolicy().decide(newer, "h2o"))
+    assert not comp.apply(engine, seq, old, InProcessPolicy().decide(old, "h2o"))
     # Too late: more than max_lag steps after the snapshot.
     late, _ = comp.snapshot(engine, seq)
     for _ in range(4):
         engine.step()
-    assert not comp.apply(engine, seq, late, LocalPolicy().decide(late, seq.scorer))
+    assert not comp.apply(engine, seq, late, InProcessPolicy().decide(late, "h2o"))
     assert seq.usage.dropped_decisions == 2
     engine.abort(seq.id)
 
@@ -188,7 +188,12 @@ def test_policy_failure_falls_back_and_is_reported(make_engine):
     class Broken:
         asynchronous = False
 
-        def decide(self, frame, scorer, params=None):
+        def describe(self, policy, params=None):
+            from policy_service.local import InProcessPolicy
+
+            return InProcessPolicy().describe(policy, params)
+
+        def decide(self, frame, policy, params=None):
             raise RuntimeError("scorer exploded")
 
     engine.compressor.policy = Broken()
@@ -239,14 +244,14 @@ def running_sequence(engine, n_tokens=60):
 
 def frame_of(engine, seq, keep, sinks=2, window=4):
     from decoder_service.statistics import build_frame
-    from policy_service.scorers.base import StatsSpec
+    from kvpilot_protocol.policy import StatsSpec
 
     return build_frame(1, "p", seq.kv, None, StatsSpec(frozenset()), seq.token_ids, [], keep=keep, sinks=sinks,
                        window=window, num_heads=engine.model_config.num_heads, step=0, seed=0)
 
 
 def test_merge_plan_applies_after_the_sequence_decoded_past_its_snapshot(make_engine):
-    from policy_service.frame import Decision, MergePlanSpec
+    from kvpilot_protocol.frame import Decision, MergePlanSpec
 
     engine = make_engine()
     seq = running_sequence(engine)
@@ -267,7 +272,7 @@ def test_merge_plan_applies_after_the_sequence_decoded_past_its_snapshot(make_en
 
 
 def test_span_drop_on_a_per_head_compressed_cache_keeps_equal_counts_and_the_budget(make_engine):
-    from policy_service.frame import Decision, KeepSet, SpanDrop
+    from kvpilot_protocol.frame import Decision, KeepSet, SpanDrop
 
     engine = make_engine()
     seq = running_sequence(engine)

@@ -17,7 +17,7 @@ import torch
 
 import decoder_service.engine as engine_module
 from decoder_service.circuit_breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
-from decoder_service.compression import fallback_scorer
+from kvpilot.runtime import fallback_scorer
 from decoder_service.requests import (
     CompressionConfig,
     EvictionEvent,
@@ -30,7 +30,8 @@ from decoder_service.requests import (
 )
 from decoder_service.server import SESSION_ID_METADATA, BackgroundServer
 from kvpilot.client import build_request, connect
-from kvpilot.v1 import decoder_pb2 as pb
+from kvpilot_protocol.v1 import decoder_pb2 as pb
+from policy_service.local import InProcessPolicy
 from policy_service.registry import available_policies
 from policy_service.scorers.streaming_llm import StreamingLLM
 
@@ -192,7 +193,7 @@ def test_vase_rank_is_honoured(make_engine):
     engine = make_engine()
     frames = {}
     for rank in (1, 7):
-        scorer = engine_module.make_scorer("vase", {"variant": "dkv", "rank": str(rank)})
+        scorer = InProcessPolicy().scorer("vase", {"variant": "dkv", "rank": str(rank)})
         kv = engine.pool.allocate(f"r{rank}", 8)
         kv.k[:, :, :8] = torch.randn_like(kv.k[:, :, :8])
         kv.v[:, :, :8] = torch.randn_like(kv.v[:, :, :8])
@@ -270,6 +271,8 @@ def test_waiting_request_honours_its_deadline(make_engine):
 def test_fallback_that_needs_statistics_is_refused():
     with pytest.raises(ValueError, match="needs statistics"):
         fallback_scorer("h2o")
+    with pytest.raises(ValueError, match="unknown policy"):
+        fallback_scorer("no-such-policy")
     assert fallback_scorer("streaming_llm").name == "streaming_llm"
 
 
@@ -277,7 +280,10 @@ def test_failing_fallback_ends_only_its_request(make_engine):
     class BrokenPolicy:
         asynchronous = False
 
-        def decide(self, frame, scorer, params=None):
+        def describe(self, policy, params=None):
+            return InProcessPolicy().describe(policy, params)
+
+        def decide(self, frame, policy, params=None):
             raise RuntimeError("injected policy failure")
 
     class BrokenFallback(StreamingLLM):
@@ -368,9 +374,9 @@ def test_policy_service_scorer_cache_is_bounded():
     from policy_service.server import PolicyCore
 
     core = PolicyCore()
-    for i in range(PolicyCore.MAX_CACHED_SCORERS + 50):
+    for i in range(InProcessPolicy.MAX_CACHED_SCORERS + 50):
         core.scorer("rkv", {"lam": str(i / 1000)})
-    assert len(core._scorers) == PolicyCore.MAX_CACHED_SCORERS
+    assert len(core.local._scorers) == InProcessPolicy.MAX_CACHED_SCORERS
 
 
 def test_session_ttl_frees_parked_kv_without_redis(make_engine):

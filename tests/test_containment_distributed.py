@@ -21,7 +21,7 @@ from decoder_service.requests import CompressionConfig, EvictionEvent, Generatio
 from decoder_service.server import BackgroundServer
 from decoder_service.session_store import make_session_store
 from kvpilot.client import build_request, connect
-from kvpilot.v1 import decoder_pb2 as pb
+from kvpilot_protocol.v1 import decoder_pb2 as pb
 from policy_service.server import BackgroundPolicyServer
 
 TURNS = [[5, 6, 7, 8], [40, 41, 42], [9, 10], [50, 51, 52, 53]]
@@ -200,13 +200,13 @@ def test_remote_keys_are_request_scoped(make_engine):
             engine = make_engine(prefill_chunk=64)
             frames = []
             decide = engine.compressor.policy.decide
-            engine.compressor.policy.decide = lambda f, s, p=None: (frames.append((f, s)), decide(f, s))[1]
+            engine.compressor.policy.decide = lambda f, name, p=None: (frames.append((f, name)), decide(f, name, p))[1]
             engine.generate([compressing("x", range(3, 90), sid=None)])
             engine.generate([compressing("y", range(100, 190), sid=None, budget=50)])
             (fx, sx), (fy, sy) = frames[0], next(f for f in frames if f[0].keep == 50)
             assert fx.frame_id == fy.frame_id == 1
-            kx = remote.submit(fx, sx, "h2o", {}, {}, request_id="x")
-            ky = remote.submit(fy, sy, "h2o", {}, {}, request_id="y")
+            kx = remote.submit(fx, "h2o", {}, {}, request_id="x")
+            ky = remote.submit(fy, "h2o", {}, {}, request_id="y")
             deadline = time.monotonic() + 10
             got = {}
             while len(got) < 2 and time.monotonic() < deadline:

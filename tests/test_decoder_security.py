@@ -14,10 +14,10 @@ from decoder_service.requests import CompressionConfig, GenerationRequest, Sampl
 from decoder_service.server import BackgroundServer
 from decoder_service.session_store import make_session_store
 from kvpilot.client import build_request, connect
-from kvpilot.security import BearerAuth, TransportSecurity, make_self_signed_cert, secure_channel
-from kvpilot.v1 import decoder_pb2 as pb
-from kvpilot.v1 import policy_pb2
-from kvpilot.v1 import policy_pb2_grpc
+from kvpilot_protocol.security import BearerAuth, TransportSecurity, make_self_signed_cert, secure_channel
+from kvpilot_protocol.v1 import decoder_pb2 as pb
+from kvpilot_protocol.v1 import policy_pb2
+from kvpilot_protocol.v1 import policy_pb2_grpc
 from policy_service.server import BackgroundPolicyServer
 
 ALICE, BOB = "alice-token-0123456789abcdef", "bob-token-fedcba9876543210"

@@ -18,7 +18,7 @@ from decoder_service.remote_policy import RemotePolicy
 from decoder_service.server import BackgroundServer
 from decoder_service.session_store import make_session_store
 from kvpilot.client import build_request, connect
-from kvpilot.v1 import decoder_pb2 as pb
+from kvpilot_protocol.v1 import decoder_pb2 as pb
 from policy_service.server import BackgroundPolicyServer
 
 

@@ -11,7 +11,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from decoder_service.server import BackgroundServer
 from kvpilot.client import build_request, connect
-from kvpilot.v1 import decoder_pb2 as pb
+from kvpilot_protocol.v1 import decoder_pb2 as pb
 
 
 @pytest.fixture

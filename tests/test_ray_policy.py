@@ -15,8 +15,8 @@ import pytest
 from decoder_service.remote_policy import APP_METADATA, RemotePolicy
 from decoder_service.server import BackgroundServer
 from kvpilot.client import build_request, connect
-from kvpilot.v1 import policy_pb2 as pb
-from kvpilot.v1 import policy_pb2_grpc
+from kvpilot_protocol.v1 import policy_pb2 as pb
+from kvpilot_protocol.v1 import policy_pb2_grpc
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 

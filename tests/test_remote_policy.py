@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from decoder_service.compression import LocalPolicy
+from policy_service.local import InProcessPolicy
 from decoder_service.remote_policy import RemotePolicy
 from decoder_service.requests import CompressionConfig, EvictionEvent, FinishEvent, GenerationRequest, SamplingParams
 from policy_service.server import BackgroundPolicyServer
@@ -51,12 +51,12 @@ def test_remote_and_in_process_give_identical_decisions(make_engine, remote, pol
     engine = make_engine(prefill_chunk=64)
     frames = []
     decide = engine.compressor.policy.decide
-    engine.compressor.policy.decide = lambda frame, scorer, params=None: (frames.append((frame, scorer)), decide(frame, scorer))[1]
+    engine.compressor.policy.decide = lambda frame, name, params=None: (frames.append((frame, name)), decide(frame, name, params))[1]
     run(engine, request(policy=policy))
     assert len(frames) >= 3
     for frame, scorer in frames:
-        local = LocalPolicy().decide(frame, scorer)
-        key = remote.submit(frame, scorer, policy, {}, {})
+        local = InProcessPolicy().decide(frame, policy)
+        key = remote.submit(frame, policy, {}, {})
         deadline = time.monotonic() + 10
         while (result := remote.poll(key)) is None and time.monotonic() < deadline:
             time.sleep(0.005)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from policy_service.frame import KeepSet, StatsFrame
+from kvpilot_protocol.frame import KeepSet, StatsFrame
 from policy_service.registry import POLICIES, make_scorer
 from policy_service.scorers.base import ParameterError, pool_slots
 

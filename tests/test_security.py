@@ -1,4 +1,4 @@
-"""kvpilot.security against real grpc.aio servers on 127.0.0.1: token parsing, bearer auth on every call kind,
+"""kvpilot_protocol.security against real grpc.aio servers on 127.0.0.1: token parsing, bearer auth on every call kind,
 TLS with a self-signed certificate, and the sync and aio clients of secure_channel."""
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from kvpilot import security
-from kvpilot.security import (
+from kvpilot_protocol.security import (
     INVALID_TOKEN,
     MISSING_TOKEN,
     BearerAuth,

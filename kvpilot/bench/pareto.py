@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from decoder_service.runtime import add_runtime_arguments, build_engine, runtime_options
+from kvpilot.runtime import add_runtime_arguments, build_engine, runtime_options
 from kvpilot.evaluate import EvalRow, compression_for, episodes_for, evaluate, mean_reference_tokens
 from policy_service.registry import available_policies
 

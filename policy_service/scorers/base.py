@@ -13,17 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from policy_service.frame import KeepSet, Plan, StatsFrame
-
-
-@dataclass(frozen=True)
-class StatsSpec:
-    """What the decoder must compute for a scorer."""
-
-    names: frozenset[str]
-    window_queries: int = 0  # queries kept in the ring for window_attention
-    decay: float = 0.9  # gamma of decayed_attention
-    projection_rank: int = 20  # columns of the Gaussian projection behind kv_projection
+from kvpilot_protocol.frame import KeepSet, Plan, StatsFrame
+from kvpilot_protocol.policy import ParameterError, StatsSpec  # noqa: F401  (scorers import them from here)
 
 
 # Hard caps every scorer applies to its own parameters (the policy service has no model context to check
@@ -38,10 +29,6 @@ def check_range(policy: str, name: str, value, low, high, *, odd: bool = False) 
     if not low <= value <= high or (odd and value % 2 == 0):
         kind = "an odd integer " if odd else ""
         raise ParameterError(f"{policy}: {name} must be {kind}in [{low}, {high}] (got {value})")
-
-
-class ParameterError(ValueError):
-    pass
 
 
 @dataclass
@@ -71,6 +58,11 @@ class Scorer:
 
     def validate(self) -> None:
         """Raise ParameterError for out-of-range parameters."""
+
+    def setup(self) -> None:
+        """Lifecycle hook, called once when a policy client first builds this scorer (the in-process policy
+        and every policy-service replica cache scorers per (policy, params)): load weights here, into a
+        process-wide cache keyed by their path, so a learned scorer reads its checkpoint once per process."""
 
     def spec(self) -> StatsSpec:
         return StatsSpec(self.stats)

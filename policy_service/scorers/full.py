@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from policy_service.frame import StatsFrame
+from kvpilot_protocol.frame import StatsFrame
 from policy_service.scorers.base import Scorer
 
 

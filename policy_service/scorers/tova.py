@@ -10,7 +10,7 @@ from typing import ClassVar
 
 from torch import Tensor
 
-from policy_service.frame import StatsFrame
+from kvpilot_protocol.frame import StatsFrame
 from policy_service.scorers.base import TopKScorer, group_reduce
 
 

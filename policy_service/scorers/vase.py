@@ -18,7 +18,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from policy_service.frame import KeepSet, Plan, StatsFrame
+from kvpilot_protocol.frame import KeepSet, Plan, StatsFrame
 from policy_service.scorers.base import (MAX_KERNEL, MAX_PROJECTION_RANK, MAX_WINDOW_QUERIES, ParameterError, StatsSpec,
                                          TopKScorer, check_range, group_reduce, pool_slots, select_top)
 

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from kvpilot.v1 import policy_pb2 as kvpilot_dot_v1_dot_policy__pb2
+from kvpilot_protocol.v1 import policy_pb2 as kvpilot__protocol_dot_v1_dot_policy__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in kvpilot/v1/policy_pb2_grpc.py depends on'
+        + ' but the generated code in kvpilot_protocol/v1/policy_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,18 +36,18 @@ class PolicyStub:
         """
         self.Decide = channel.stream_stream(
                 '/kvpilot.v1.Policy/Decide',
-                request_serializer=kvpilot_dot_v1_dot_policy__pb2.StatsFrame.SerializeToString,
-                response_deserializer=kvpilot_dot_v1_dot_policy__pb2.Decision.FromString,
+                request_serializer=kvpilot__protocol_dot_v1_dot_policy__pb2.StatsFrame.SerializeToString,
+                response_deserializer=kvpilot__protocol_dot_v1_dot_policy__pb2.Decision.FromString,
                 _registered_method=True)
         self.DecideFrame = channel.unary_unary(
                 '/kvpilot.v1.Policy/DecideFrame',
-                request_serializer=kvpilot_dot_v1_dot_policy__pb2.StatsFrame.SerializeToString,
-                response_deserializer=kvpilot_dot_v1_dot_policy__pb2.Decision.FromString,
+                request_serializer=kvpilot__protocol_dot_v1_dot_policy__pb2.StatsFrame.SerializeToString,
+                response_deserializer=kvpilot__protocol_dot_v1_dot_policy__pb2.Decision.FromString,
                 _registered_method=True)
         self.Describe = channel.unary_unary(
                 '/kvpilot.v1.Policy/Describe',
-                request_serializer=kvpilot_dot_v1_dot_policy__pb2.DescribeRequest.SerializeToString,
-                response_deserializer=kvpilot_dot_v1_dot_policy__pb2.DescribeResponse.FromString,
+                request_serializer=kvpilot__protocol_dot_v1_dot_policy__pb2.DescribeRequest.SerializeToString,
+                response_deserializer=kvpilot__protocol_dot_v1_dot_policy__pb2.DescribeResponse.FromString,
                 _registered_method=True)
 
 
@@ -82,18 +82,18 @@ def add_PolicyServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Decide': grpc.stream_stream_rpc_method_handler(
                     servicer.Decide,
-                    request_deserializer=kvpilot_dot_v1_dot_policy__pb2.StatsFrame.FromString,
-                    response_serializer=kvpilot_dot_v1_dot_policy__pb2.Decision.SerializeToString,
+                    request_deserializer=kvpilot__protocol_dot_v1_dot_policy__pb2.StatsFrame.FromString,
+                    response_serializer=kvpilot__protocol_dot_v1_dot_policy__pb2.Decision.SerializeToString,
             ),
             'DecideFrame': grpc.unary_unary_rpc_method_handler(
                     servicer.DecideFrame,
-                    request_deserializer=kvpilot_dot_v1_dot_policy__pb2.StatsFrame.FromString,
-                    response_serializer=kvpilot_dot_v1_dot_policy__pb2.Decision.SerializeToString,
+                    request_deserializer=kvpilot__protocol_dot_v1_dot_policy__pb2.StatsFrame.FromString,
+                    response_serializer=kvpilot__protocol_dot_v1_dot_policy__pb2.Decision.SerializeToString,
             ),
             'Describe': grpc.unary_unary_rpc_method_handler(
                     servicer.Describe,
-                    request_deserializer=kvpilot_dot_v1_dot_policy__pb2.DescribeRequest.FromString,
-                    response_serializer=kvpilot_dot_v1_dot_policy__pb2.DescribeResponse.SerializeToString,
+                    request_deserializer=kvpilot__protocol_dot_v1_dot_policy__pb2.DescribeRequest.FromString,
+                    response_serializer=kvpilot__protocol_dot_v1_dot_policy__pb2.DescribeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -121,8 +121,8 @@ class Policy:
             request_iterator,
             target,
             '/kvpilot.v1.Policy/Decide',
-            kvpilot_dot_v1_dot_policy__pb2.StatsFrame.SerializeToString,
-            kvpilot_dot_v1_dot_policy__pb2.Decision.FromString,
+            kvpilot__protocol_dot_v1_dot_policy__pb2.StatsFrame.SerializeToString,
+            kvpilot__protocol_dot_v1_dot_policy__pb2.Decision.FromString,
             options,
             channel_credentials,
             insecure,
@@ -148,8 +148,8 @@ class Policy:
             request,
             target,
             '/kvpilot.v1.Policy/DecideFrame',
-            kvpilot_dot_v1_dot_policy__pb2.StatsFrame.SerializeToString,
-            kvpilot_dot_v1_dot_policy__pb2.Decision.FromString,
+            kvpilot__protocol_dot_v1_dot_policy__pb2.StatsFrame.SerializeToString,
+            kvpilot__protocol_dot_v1_dot_policy__pb2.Decision.FromString,
             options,
             channel_credentials,
             insecure,
@@ -175,8 +175,8 @@ class Policy:
             request,
             target,
             '/kvpilot.v1.Policy/Describe',
-            kvpilot_dot_v1_dot_policy__pb2.DescribeRequest.SerializeToString,
-            kvpilot_dot_v1_dot_policy__pb2.DescribeResponse.FromString,
+            kvpilot__protocol_dot_v1_dot_policy__pb2.DescribeRequest.SerializeToString,
+            kvpilot__protocol_dot_v1_dot_policy__pb2.DescribeResponse.FromString,
             options,
             channel_credentials,
             insecure,

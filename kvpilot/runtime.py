@@ -1,4 +1,7 @@
-"""Build an engine from command-line style settings (shared by `kvpilot serve`, `demo`, `eval` and benchmarks)."""
+"""Build an engine from command-line style settings (shared by `kvpilot serve`, `demo`, `eval` and benchmarks).
+
+This is where the services are composed: the decoder gets a policy client (the in-process one, or a remote
+policy service) and a local fallback; neither service imports the other."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -7,9 +10,19 @@ import torch
 
 from decoder_service.checkpoint import DTYPES, load_checkpoint
 from decoder_service.circuit_breaker import CircuitBreaker
-from decoder_service.compression import fallback_scorer
 from decoder_service.engine import Engine, EngineConfig
 from kvpilot.models import default_model_path
+from policy_service.local import InProcessPolicy
+from policy_service.scorers.base import Scorer
+
+
+def fallback_scorer(name: str, policy: InProcessPolicy | None = None) -> Scorer:
+    """The local fallback must work from the cache alone: it runs exactly when statistics may be missing."""
+    scorer = (policy or InProcessPolicy()).scorer(name, {})
+    if scorer.spec().names:
+        raise ValueError(f"fallback policy {name!r} needs statistics {sorted(scorer.spec().names)}; choose one that "
+                         "needs none (streaming_llm, random)")
+    return scorer
 
 
 @dataclass
@@ -34,7 +47,8 @@ class RuntimeOptions:
 
 def build_engine(opts: RuntimeOptions) -> Engine:
     """Raises ValueError for settings that cannot work (checked before the model loads)."""
-    fallback = fallback_scorer(opts.fallback_policy)  # refuses a fallback that needs statistics
+    local = InProcessPolicy()
+    fallback = fallback_scorer(opts.fallback_policy, local)  # refuses a fallback that needs statistics
     if opts.decision_timeout_s <= 0:
         raise ValueError(f"--decision-timeout must be > 0 seconds (got {opts.decision_timeout_s})")
     if opts.threads:
@@ -44,14 +58,13 @@ def build_engine(opts: RuntimeOptions) -> Engine:
     loaded = load_checkpoint(path, device=opts.device, dtype=dtype)
     config = EngineConfig(max_batch_tokens=opts.max_batch_tokens, prefill_chunk=opts.prefill_chunk,
                           max_running=opts.max_running, kv_pool_bytes=opts.kv_pool_mb << 20)
-    engine = Engine(loaded, config)
-    engine.compressor.fallback = fallback
+    engine = Engine(loaded, config, policy=local, fallback=fallback)
     engine.compressor.decision_timeout_s = opts.decision_timeout_s
     engine.compressor.breaker = CircuitBreaker(opts.circuit_failures, opts.circuit_cool_down_s,
                                                on_change=engine.compressor.breaker.on_change)
     if opts.policy_url:
         from decoder_service.remote_policy import RemotePolicy
-        from kvpilot.security import load_client_token
+        from kvpilot_protocol.security import load_client_token
 
         engine.compressor.policy = RemotePolicy(opts.policy_url, streams=opts.policy_streams, tls_ca=opts.policy_tls_ca,
                                                 token=load_client_token(opts.policy_auth_token_file,

@@ -40,7 +40,7 @@ async def start_grpc_server(server, address: str, service_name: str, security=No
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
     from grpc_reflection.v1alpha import reflection
 
-    from kvpilot.security import bind
+    from kvpilot_protocol.security import bind
 
     servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)

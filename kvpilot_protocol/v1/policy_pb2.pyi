@@ -175,20 +175,22 @@ class Parameter(_message.Message):
     def __init__(self, name: _Optional[str] = ..., type: _Optional[str] = ..., default: _Optional[str] = ...) -> None: ...
 
 class PolicyDescription(_message.Message):
-    __slots__ = ("policy", "summary", "statistics", "window_queries", "decay", "parameters")
+    __slots__ = ("policy", "summary", "statistics", "window_queries", "decay", "parameters", "projection_rank")
     POLICY_FIELD_NUMBER: _ClassVar[int]
     SUMMARY_FIELD_NUMBER: _ClassVar[int]
     STATISTICS_FIELD_NUMBER: _ClassVar[int]
     WINDOW_QUERIES_FIELD_NUMBER: _ClassVar[int]
     DECAY_FIELD_NUMBER: _ClassVar[int]
     PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    PROJECTION_RANK_FIELD_NUMBER: _ClassVar[int]
     policy: str
     summary: str
     statistics: _containers.RepeatedScalarFieldContainer[str]
     window_queries: int
     decay: float
     parameters: _containers.RepeatedCompositeFieldContainer[Parameter]
-    def __init__(self, policy: _Optional[str] = ..., summary: _Optional[str] = ..., statistics: _Optional[_Iterable[str]] = ..., window_queries: _Optional[int] = ..., decay: _Optional[float] = ..., parameters: _Optional[_Iterable[_Union[Parameter, _Mapping]]] = ...) -> None: ...
+    projection_rank: int
+    def __init__(self, policy: _Optional[str] = ..., summary: _Optional[str] = ..., statistics: _Optional[_Iterable[str]] = ..., window_queries: _Optional[int] = ..., decay: _Optional[float] = ..., parameters: _Optional[_Iterable[_Union[Parameter, _Mapping]]] = ..., projection_rank: _Optional[int] = ...) -> None: ...
 
 class DescribeResponse(_message.Message):
     __slots__ = ("policies",)

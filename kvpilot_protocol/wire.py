@@ -1,15 +1,14 @@
 """Frames and decisions <-> policy.proto messages. Tensors as raw little-endian bytes, never pickled."""
 from __future__ import annotations
 
-import dataclasses
 import sys
 
 import numpy as np
 import torch
 
-from kvpilot.v1 import policy_pb2 as pb
-from policy_service.frame import Decision, KeepSet, MergePlanSpec, SpanDrop, StatsFrame
-from policy_service.scorers.base import Scorer
+from kvpilot_protocol.v1 import policy_pb2 as pb
+from kvpilot_protocol.frame import Decision, KeepSet, MergePlanSpec, SpanDrop, StatsFrame
+from kvpilot_protocol.policy import PolicyDescription, StatsSpec
 
 DTYPES = {
     "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -102,13 +101,15 @@ def decision_from_pb(m: pb.Decision) -> Decision:
                     note=m.error)
 
 
-def describe(scorer_cls: type[Scorer], params: dict[str, str] | None = None) -> pb.PolicyDescription:
-    scorer = scorer_cls.from_params(params)
-    spec = scorer.spec()
-    doc = (scorer_cls.__doc__ or "").strip().splitlines()
+def description_to_pb(d: PolicyDescription) -> pb.PolicyDescription:
     return pb.PolicyDescription(
-        policy=scorer_cls.name, summary=doc[0] if doc else "", statistics=sorted(spec.names),
-        window_queries=spec.window_queries, decay=spec.decay,
-        parameters=[pb.Parameter(name=f.name, type=type(f.default).__name__, default=str(f.default))
-                    for f in dataclasses.fields(scorer_cls)],
-    )
+        policy=d.policy, summary=d.summary, statistics=sorted(d.spec.names), window_queries=d.spec.window_queries,
+        decay=d.spec.decay, projection_rank=d.spec.projection_rank,
+        parameters=[pb.Parameter(name=n, type=t, default=v) for n, t, v in d.parameters])
+
+
+def description_from_pb(m: pb.PolicyDescription) -> PolicyDescription:
+    spec = StatsSpec(frozenset(m.statistics), window_queries=m.window_queries, decay=m.decay,
+                     projection_rank=m.projection_rank or StatsSpec(frozenset()).projection_rank)
+    return PolicyDescription(policy=m.policy, summary=m.summary, spec=spec,
+                             parameters=tuple((p.name, p.type, p.default) for p in m.parameters))

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from kvpilot.v1 import decoder_pb2 as kvpilot_dot_v1_dot_decoder__pb2
+from kvpilot_protocol.v1 import decoder_pb2 as kvpilot__protocol_dot_v1_dot_decoder__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in kvpilot/v1/decoder_pb2_grpc.py depends on'
+        + ' but the generated code in kvpilot_protocol/v1/decoder_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,28 +36,28 @@ class DecoderStub:
         """
         self.Generate = channel.unary_stream(
                 '/kvpilot.v1.Decoder/Generate',
-                request_serializer=kvpilot_dot_v1_dot_decoder__pb2.GenerateRequest.SerializeToString,
-                response_deserializer=kvpilot_dot_v1_dot_decoder__pb2.GenerateResponse.FromString,
+                request_serializer=kvpilot__protocol_dot_v1_dot_decoder__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=kvpilot__protocol_dot_v1_dot_decoder__pb2.GenerateResponse.FromString,
                 _registered_method=True)
         self.GetSession = channel.unary_unary(
                 '/kvpilot.v1.Decoder/GetSession',
-                request_serializer=kvpilot_dot_v1_dot_decoder__pb2.GetSessionRequest.SerializeToString,
-                response_deserializer=kvpilot_dot_v1_dot_decoder__pb2.SessionInfo.FromString,
+                request_serializer=kvpilot__protocol_dot_v1_dot_decoder__pb2.GetSessionRequest.SerializeToString,
+                response_deserializer=kvpilot__protocol_dot_v1_dot_decoder__pb2.SessionInfo.FromString,
                 _registered_method=True)
         self.DeleteSession = channel.unary_unary(
                 '/kvpilot.v1.Decoder/DeleteSession',
-                request_serializer=kvpilot_dot_v1_dot_decoder__pb2.DeleteSessionRequest.SerializeToString,
-                response_deserializer=kvpilot_dot_v1_dot_decoder__pb2.DeleteSessionResponse.FromString,
+                request_serializer=kvpilot__protocol_dot_v1_dot_decoder__pb2.DeleteSessionRequest.SerializeToString,
+                response_deserializer=kvpilot__protocol_dot_v1_dot_decoder__pb2.DeleteSessionResponse.FromString,
                 _registered_method=True)
         self.GetModelInfo = channel.unary_unary(
                 '/kvpilot.v1.Decoder/GetModelInfo',
-                request_serializer=kvpilot_dot_v1_dot_decoder__pb2.GetModelInfoRequest.SerializeToString,
-                response_deserializer=kvpilot_dot_v1_dot_decoder__pb2.ModelInfo.FromString,
+                request_serializer=kvpilot__protocol_dot_v1_dot_decoder__pb2.GetModelInfoRequest.SerializeToString,
+                response_deserializer=kvpilot__protocol_dot_v1_dot_decoder__pb2.ModelInfo.FromString,
                 _registered_method=True)
         self.GetServerInfo = channel.unary_unary(
                 '/kvpilot.v1.Decoder/GetServerInfo',
-                request_serializer=kvpilot_dot_v1_dot_decoder__pb2.GetServerInfoRequest.SerializeToString,
-                response_deserializer=kvpilot_dot_v1_dot_decoder__pb2.ServerInfo.FromString,
+                request_serializer=kvpilot__protocol_dot_v1_dot_decoder__pb2.GetServerInfoRequest.SerializeToString,
+                response_deserializer=kvpilot__protocol_dot_v1_dot_decoder__pb2.ServerInfo.FromString,
                 _registered_method=True)
 
 
@@ -101,28 +101,28 @@ def add_DecoderServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Generate': grpc.unary_stream_rpc_method_handler(
                     servicer.Generate,
-                    request_deserializer=kvpilot_dot_v1_dot_decoder__pb2.GenerateRequest.FromString,
-                    response_serializer=kvpilot_dot_v1_dot_decoder__pb2.GenerateResponse.SerializeToString,
+                    request_deserializer=kvpilot__protocol_dot_v1_dot_decoder__pb2.GenerateRequest.FromString,
+                    response_serializer=kvpilot__protocol_dot_v1_dot_decoder__pb2.GenerateResponse.SerializeToString,
             ),
             'GetSession': grpc.unary_unary_rpc_method_handler(
                     servicer.GetSession,
-                    request_deserializer=kvpilot_dot_v1_dot_decoder__pb2.GetSessionRequest.FromString,
-                    response_serializer=kvpilot_dot_v1_dot_decoder__pb2.SessionInfo.SerializeToString,
+                    request_deserializer=kvpilot__protocol_dot_v1_dot_decoder__pb2.GetSessionRequest.FromString,
+                    response_serializer=kvpilot__protocol_dot_v1_dot_decoder__pb2.SessionInfo.SerializeToString,
             ),
             'DeleteSession': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteSession,
-                    request_deserializer=kvpilot_dot_v1_dot_decoder__pb2.DeleteSessionRequest.FromString,
-                    response_serializer=kvpilot_dot_v1_dot_decoder__pb2.DeleteSessionResponse.SerializeToString,
+                    request_deserializer=kvpilot__protocol_dot_v1_dot_decoder__pb2.DeleteSessionRequest.FromString,
+                    response_serializer=kvpilot__protocol_dot_v1_dot_decoder__pb2.DeleteSessionResponse.SerializeToString,
             ),
             'GetModelInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetModelInfo,
-                    request_deserializer=kvpilot_dot_v1_dot_decoder__pb2.GetModelInfoRequest.FromString,
-                    response_serializer=kvpilot_dot_v1_dot_decoder__pb2.ModelInfo.SerializeToString,
+                    request_deserializer=kvpilot__protocol_dot_v1_dot_decoder__pb2.GetModelInfoRequest.FromString,
+                    response_serializer=kvpilot__protocol_dot_v1_dot_decoder__pb2.ModelInfo.SerializeToString,
             ),
             'GetServerInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetServerInfo,
-                    request_deserializer=kvpilot_dot_v1_dot_decoder__pb2.GetServerInfoRequest.FromString,
-                    response_serializer=kvpilot_dot_v1_dot_decoder__pb2.ServerInfo.SerializeToString,
+                    request_deserializer=kvpilot__protocol_dot_v1_dot_decoder__pb2.GetServerInfoRequest.FromString,
+                    response_serializer=kvpilot__protocol_dot_v1_dot_decoder__pb2.ServerInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -150,8 +150,8 @@ class Decoder:
             request,
             target,
             '/kvpilot.v1.Decoder/Generate',
-            kvpilot_dot_v1_dot_decoder__pb2.GenerateRequest.SerializeToString,
-            kvpilot_dot_v1_dot_decoder__pb2.GenerateResponse.FromString,
+            kvpilot__protocol_dot_v1_dot_decoder__pb2.GenerateRequest.SerializeToString,
+            kvpilot__protocol_dot_v1_dot_decoder__pb2.GenerateResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -177,8 +177,8 @@ class Decoder:
             request,
             target,
             '/kvpilot.v1.Decoder/GetSession',
-            kvpilot_dot_v1_dot_decoder__pb2.GetSessionRequest.SerializeToString,
-            kvpilot_dot_v1_dot_decoder__pb2.SessionInfo.FromString,
+            kvpilot__protocol_dot_v1_dot_decoder__pb2.GetSessionRequest.SerializeToString,
+            kvpilot__protocol_dot_v1_dot_decoder__pb2.SessionInfo.FromString,
             options,
             channel_credentials,
             insecure,
@@ -204,8 +204,8 @@ class Decoder:
             request,
             target,
             '/kvpilot.v1.Decoder/DeleteSession',
-            kvpilot_dot_v1_dot_decoder__pb2.DeleteSessionRequest.SerializeToString,
-            kvpilot_dot_v1_dot_decoder__pb2.DeleteSessionResponse.FromString,
+            kvpilot__protocol_dot_v1_dot_decoder__pb2.DeleteSessionRequest.SerializeToString,
+            kvpilot__protocol_dot_v1_dot_decoder__pb2.DeleteSessionResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -231,8 +231,8 @@ class Decoder:
             request,
             target,
             '/kvpilot.v1.Decoder/GetModelInfo',
-            kvpilot_dot_v1_dot_decoder__pb2.GetModelInfoRequest.SerializeToString,
-            kvpilot_dot_v1_dot_decoder__pb2.ModelInfo.FromString,
+            kvpilot__protocol_dot_v1_dot_decoder__pb2.GetModelInfoRequest.SerializeToString,
+            kvpilot__protocol_dot_v1_dot_decoder__pb2.ModelInfo.FromString,
             options,
             channel_credentials,
             insecure,
@@ -258,8 +258,8 @@ class Decoder:
             request,
             target,
             '/kvpilot.v1.Decoder/GetServerInfo',
-            kvpilot_dot_v1_dot_decoder__pb2.GetServerInfoRequest.SerializeToString,
-            kvpilot_dot_v1_dot_decoder__pb2.ServerInfo.FromString,
+            kvpilot__protocol_dot_v1_dot_decoder__pb2.GetServerInfoRequest.SerializeToString,
+            kvpilot__protocol_dot_v1_dot_decoder__pb2.ServerInfo.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,56 @@
+"""What the decoder knows of a policy, and the interface every policy client offers it.
+
+The decoder never builds a scorer. It asks its policy client to `describe(policy, params)`: the answer says
+which statistics to compute (a StatsSpec) and validates the parameters; it is cached per (policy, params).
+The in-process client (policy_service.local.InProcessPolicy) and the remote one
+(decoder_service.remote_policy.RemotePolicy, over `Policy.Describe`) answer alike, so a policy that exists
+only on the policy service works end to end.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class StatsSpec:
+    """What the decoder must compute for a policy."""
+
+    names: frozenset[str]
+    window_queries: int = 0  # queries kept in the ring for window_attention
+    decay: float = 0.9  # gamma of decayed_attention
+    projection_rank: int = 20  # columns of the Gaussian projection behind kv_projection
+
+
+class ParameterError(ValueError):
+    """A policy parameter that is unknown or outside its range (the message says which and why)."""
+
+
+class PolicyRejected(ValueError):
+    """The policy is unknown, or its parameters are invalid: the request is answered INVALID_ARGUMENT."""
+
+
+class PolicyUnavailable(ConnectionError):
+    """The policy service could not be asked (down, timed out)."""
+
+
+@dataclass(frozen=True)
+class PolicyDescription:
+    policy: str
+    summary: str = ""
+    spec: StatsSpec = field(default_factory=lambda: StatsSpec(frozenset()))
+    parameters: tuple[tuple[str, str, str], ...] = ()  # (name, type, default)
+    provisional: bool = False  # made up while the service was unreachable: never cached
+
+
+FULL = PolicyDescription(policy="full", summary="Keep everything (the reference).")
+
+
+class PolicyClient(Protocol):
+    """In-process clients decide synchronously (`asynchronous = False`, `decide`); remote ones take frames
+    with `submit` and hand decisions back through `poll` in a later engine step (`forget` drops one)."""
+
+    asynchronous: bool
+
+    def describe(self, policy: str, params: dict[str, str]) -> PolicyDescription: ...
+    def policies(self) -> list[str]: ...
