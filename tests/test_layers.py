@@ -8,10 +8,10 @@ import pathlib
 from dataclasses import dataclass
 from typing import ClassVar
 
+import grpc
 import pytest
 
 from decoder_service.remote_policy import RemotePolicy
-from decoder_service.requests import CompressionConfig, GenerationRequest, InvalidRequest, SamplingParams
 from decoder_service.server import BackgroundServer
 from kvpilot.client import build_request, connect
 from kvpilot_protocol.v1 import decoder_pb2 as pb
@@ -73,10 +73,10 @@ def test_a_policy_only_the_policy_service_knows_works_end_to_end(make_engine):
                 responses = list(stub.Generate(build_request(token_ids=list(range(3, 83)), max_new_tokens=30,
                                                              temperature=0.0, policy="keep_oldest", budget=40,
                                                              interval=8, window=8), timeout=60))
+                with pytest.raises(grpc.RpcError) as exc:  # the service's answer, relayed
+                    list(stub.Generate(build_request(token_ids=[5], max_new_tokens=2, policy="nope", budget=40)))
+                assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "unknown policy 'nope'" in exc.value.details()
             done = responses[-1].complete
             assert done.usage.compression_events > 0 and done.usage.fallbacks == 0
-            with pytest.raises(InvalidRequest, match="unknown policy 'nope'"):
-                engine.add_request(GenerationRequest("x", [5], SamplingParams(), CompressionConfig(policy="nope", budget=40)),
-                                   lambda ev: None)
         finally:
             remote.close()
