@@ -203,7 +203,7 @@ def test_remote_keys_are_request_scoped(make_engine):
             engine.compressor.policy.decide = lambda f, name, p=None: (frames.append((f, name)), decide(f, name, p))[1]
             engine.generate([compressing("x", range(3, 90), sid=None)])
             engine.generate([compressing("y", range(100, 190), sid=None, budget=50)])
-            (fx, sx), (fy, sy) = frames[0], next(f for f in frames if f[0].keep == 50)
+            (fx, _), (fy, _) = frames[0], next(f for f in frames if f[0].keep == 50)
             assert fx.frame_id == fy.frame_id == 1
             kx = remote.submit(fx, "h2o", {}, {}, request_id="x")
             ky = remote.submit(fy, "h2o", {}, {}, request_id="y")

@@ -11,7 +11,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from kvpilot import security
+from kvpilot_protocol import security
 from kvpilot_protocol.security import (
     INVALID_TOKEN,
     MISSING_TOKEN,
