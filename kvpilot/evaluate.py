@@ -60,7 +60,7 @@ def compression_for(policy: str, budget: int, interval: int = 8, window: int = 8
 
 def evaluate(engine: Engine, task: str, episodes, compression: CompressionConfig, budget_frac: float = 1.0,
              progress=None) -> tuple[EvalRow, list[EpisodeResult]]:
-    validate_compression(compression)
+    validate_compression(compression, engine.model_config.max_position_embeddings, engine.describe)
     start = time.monotonic()
     results = EpisodeRunner(engine, compression).run(episodes, progress=progress)
     n = len(results)

@@ -18,7 +18,7 @@ from policy_service.server import PolicyCore
 
 log = logging.getLogger(__name__)
 APP_NAME = "kvpilot-policy"
-SERVICER_FUNCTIONS = ["kvpilot.v1.policy_pb2_grpc.add_PolicyServicer_to_server"]
+SERVICER_FUNCTIONS = ["kvpilot_protocol.v1.policy_pb2_grpc.add_PolicyServicer_to_server"]
 
 
 @dataclass

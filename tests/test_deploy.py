@@ -3,7 +3,7 @@
 Checks: every YAML/JSON parses; compose mounts and build inputs exist; every `host:port` in a command, env
 var or config names a service that listens on that port; container commands parse with the real `kvpilot`
 CLI; the RayService's Serve config validates against Ray's own schema and names what policy_service/ray_app.py
-defines; dashboard queries use only metrics the decoder emits (checked against kvpilot/telemetry.py too).
+defines; dashboard queries use only metrics the decoder emits (checked against kvpilot_protocol/telemetry.py too).
 """
 from __future__ import annotations
 
@@ -200,12 +200,12 @@ def test_collector_pipelines():
 
 
 def test_metric_names_match_the_decoder_instruments():
-    # The instruments kvpilot/telemetry.py creates, and the names the Prometheus exporter gives them.
-    source = (ROOT / "kvpilot" / "telemetry.py").read_text()
+    # The instruments kvpilot_protocol/telemetry.py creates, and the names the Prometheus exporter gives them.
+    source = (ROOT / "kvpilot_protocol" / "telemetry.py").read_text()
     created = {m.group(2): (m.group(1), m.group(3)) for m in re.finditer(
         r'create_(counter|histogram|observable_gauge|gauge)\(\s*"([^"]+)",\s*unit="([^"]*)"', source)}
     for otel, (kind, unit, prom) in METRICS.items():
-        assert otel in created, f"kvpilot/telemetry.py no longer creates {otel}"
+        assert otel in created, f"kvpilot_protocol/telemetry.py no longer creates {otel}"
         assert created[otel][0].endswith(kind) and created[otel][1] == unit, (otel, created[otel])
         # The exporter's rule: dots -> underscores, unit suffix (By -> bytes, s -> seconds, 1 -> none),
         # then _total for counters.
