@@ -212,10 +212,14 @@ class Compressor:
         state.frame_epoch[state.frames] = state.epoch
         state.frame_step[state.frames] = seq.steps
         session = seq.session
-        tool_segments = [(s.start, s.end, s.index) for s in session.segments if s.kind == "tool"] if session else []
+        # Segments are history ranges; the frame speaks logical positions (apart from history indices once
+        # input-only tokens were fed). Only the computed part of a segment has positions.
+        where = seq.history_positions
+        tool_segments = [(where[s.start], where[min(s.end, len(where)) - 1] + 1, s.index)
+                         for s in (session.segments if session else []) if s.kind == "tool" and s.start < len(where)]
         frame = build_frame(
             state.frames, session.id if session else seq.id, seq.kv, seq.stats, seq.spec,
-            seq.token_ids, tool_segments, keep=c.budget, sinks=c.sinks, window=c.window,
+            seq.position_tokens, tool_segments, keep=c.budget, sinks=c.sinks, window=c.window,
             num_heads=engine.model_config.num_heads, step=len(seq.generated),
             seed=frame_seed(seq.usage.seed, state.frames))
         span = telemetry.start_compaction_span(seq.request.trace_parent, frame.frame_id, c.policy, frame.n)

@@ -87,13 +87,30 @@ class EngineConfig:
 
 
 @dataclass
+class Cursor:
+    """Where a sequence's cache stands: history tokens computed, the next logical position (apart from the
+    history index once input-only tokens were fed), the token at every position, and each computed history
+    token's position. Parked with a session's KV, so the next turn continues from it."""
+
+    num_computed: int = 0
+    next_position: int = 0
+    position_tokens: list[int] = field(default_factory=list)
+    history_positions: list[int] = field(default_factory=list)
+
+    @classmethod
+    def of_history(cls, history: list[int], num_computed: int) -> "Cursor":
+        """A cache holding exactly the first `num_computed` history tokens at their own indices."""
+        return cls(num_computed, num_computed, list(history[:num_computed]), list(range(num_computed)))
+
+
+@dataclass
 class Sequence:
     """A request in flight: its tokens, its pool region and its output stream."""
 
     request: GenerationRequest
     emit: Callable[[Event], None]
     token_ids: list[int]  # whole history: earlier turns + this request's input + generated tokens
-    num_computed: int  # tokens whose K/V is in the cache; the next fed token has this logical position
+    num_computed: int  # history tokens whose K/V is in the cache
     input_start: int  # index in token_ids where this request's input begins
     kv: SequenceKV | None = None
     stats: SequenceStatistics | None = None
@@ -113,6 +130,10 @@ class Sequence:
     stats_bytes: int = 0  # statistics memory admission control counted for this sequence
     steps: int = 0  # engine steps this sequence took part in (staleness is counted in these)
     blocked_since: float | None = None  # when admission first failed for lack of memory
+    input_only: list[int] = field(default_factory=list)  # fed after the pending history; never sampled/streamed
+    next_position: int = 0  # logical position of the next fed token
+    position_tokens: list[int] = field(default_factory=list)  # token fed at each logical position
+    history_positions: list[int] = field(default_factory=list)  # position of each computed history token
     error: RequestError | None = None
 
     @property
@@ -122,7 +143,19 @@ class Sequence:
     @property
     def pending(self) -> int:
         """Known tokens not yet in the KV cache (prompt left to prefill, or the last sampled token)."""
-        return len(self.token_ids) - self.num_computed
+        return len(self.token_ids) - self.num_computed + len(self.input_only)
+
+    def cursor(self) -> Cursor:
+        return Cursor(self.num_computed, self.next_position, self.position_tokens, self.history_positions)
+
+    def restore(self, cursor: Cursor) -> None:
+        self.num_computed, self.next_position = cursor.num_computed, cursor.next_position
+        self.position_tokens, self.history_positions = list(cursor.position_tokens), list(cursor.history_positions)
+
+    def feed(self, n: int) -> tuple[list[int], int]:
+        """The next n tokens to feed (pending history first, then input-only ones) and how many are history."""
+        history = min(n, len(self.token_ids) - self.num_computed)
+        return self.token_ids[self.num_computed:self.num_computed + history] + self.input_only[:n - history], history
 
     @property
     def in_prefill(self) -> bool:
@@ -229,6 +262,30 @@ class Engine:
                 self._retire(seq)
                 return True
         return False
+
+    def feed_input_only(self, request_id: str, token_ids: list[int]) -> None:
+        """Queue tokens to feed after the sequence's pending history: each gets a KV slot and the next logical
+        position, but is never sampled, streamed, shown or added to the history (Breadcrumbs' beacons).
+        The next sampled token follows them. Engine thread only (a step hook, or through AsyncEngine.call)."""
+        vocab = self.model_config.vocab_size
+        bad = [t for t in token_ids if not 0 <= t < vocab]
+        if bad:
+            raise InvalidRequest(f"input-only token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        seq = next((s for s in self.running + list(self.waiting) if s.id == request_id and s.finish_reason is None),
+                   None)
+        if seq is None:
+            raise InvalidRequest(f"no request {request_id!r} is in flight")
+        s = seq.request.sampling
+        to_feed = seq.pending + len(token_ids) + max(0, s.max_new_tokens - len(seq.generated) - 1)
+        if seq.next_position + to_feed > self.model_config.max_position_embeddings:
+            raise InvalidRequest(f"input-only tokens would take request {request_id!r} past the model's context")
+        if not seq.request.compression.bounded:  # an unbounded sequence has exactly the room it reserved
+            if seq.kv is None:
+                seq.reserved_slots += len(token_ids)
+            elif seq.kv.n + to_feed > seq.kv.capacity:
+                raise ResourceExhausted(f"request {request_id!r} has no reserved KV room for {len(token_ids)} more "
+                                        "tokens; set a compression budget")
+        seq.input_only.extend(token_ids)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -391,14 +448,15 @@ class Engine:
         try:
             stats = None
             if resident is not None:
-                _, stats, seq.num_computed = resident
+                _, stats, cursor = resident
+                seq.restore(cursor)
                 seq.usage.cached_tokens = seq.num_computed
                 if stats is not None and stats.spec != seq.spec:
                     stats = None  # the policy changed between turns: start its statistics afresh
                 if stats is not None:
                     stats.resize(seq.kv.capacity, seq.kv.n)
             else:
-                seq.num_computed = 0
+                seq.restore(Cursor())
             spec = seq.spec
             if stats is None and spec.names:
                 c = self.model_config
@@ -407,7 +465,8 @@ class Engine:
             seq.stats = stats
         except BaseException:
             self.pool.free(seq.kv.owner)  # the parked KV goes too: this turn re-prefills if ever retried
-            seq.kv, seq.stats, seq.num_computed = None, None, 0
+            seq.kv, seq.stats = None, None
+            seq.restore(Cursor())
             raise
         seq.stats_bytes = stats_bytes
         self.stats_reserved_bytes += stats_bytes
@@ -496,14 +555,20 @@ class Engine:
             logits = torch.cat(rows) if rows else None
         samplers, row = [], 0  # (logits row, sequence) of those that sample this step
         for seq, n in batch:
-            samples = seq.num_computed + n == len(seq.token_ids)
+            samples = n == seq.pending
             row += samples
+            fed, history = seq.feed(n)
+            start = seq.next_position
             try:
-                seq.kv.commit(torch.arange(seq.num_computed, seq.num_computed + n, device=self.device))
+                seq.kv.commit(torch.arange(start, start + n, device=self.device))
             except Exception as exc:
                 self.fail(seq, exc)
                 continue
-            seq.num_computed += n
+            seq.history_positions.extend(range(start, start + history))
+            seq.position_tokens.extend(fed)
+            del seq.input_only[:n - history]
+            seq.num_computed += history
+            seq.next_position += n
             seq.steps += 1
             if samples:
                 samplers.append((row - 1, seq))
@@ -535,13 +600,13 @@ class Engine:
         ids, positions, segments, sample_rows = [], [], [], []
         cursor = 0
         for seq, n in batch:
-            start = seq.num_computed
-            ids.extend(seq.token_ids[start:start + n])
+            start = seq.next_position
+            ids.extend(seq.feed(n)[0])
             positions.extend(range(start, start + n))
             segments.append(Segment(kv=seq.kv, stats=seq.stats, start=cursor, length=n,
                                     positions=torch.arange(start, start + n, device=self.device)))
             cursor += n
-            if start + n == len(seq.token_ids):
+            if n == seq.pending:
                 sample_rows.append(cursor - 1)
         input_ids = torch.tensor([ids], device=self.device)
         pos = torch.tensor([positions], device=self.device)
@@ -632,7 +697,7 @@ class Engine:
             seq.stats.resize(kv.capacity, kv.n)
             self.parked_stats_bytes[session.id] = seq.stats.nbytes  # still counted while parked
             self.stats_reserved_bytes += seq.stats.nbytes
-        self.resident[session.id] = (kv, seq.stats, seq.num_computed)
+        self.resident[session.id] = (kv, seq.stats, seq.cursor())
         self.resident.move_to_end(session.id)
         while len(self.resident) > self.config.max_resident_sessions:
             self._drop_idle_session()
@@ -698,10 +763,12 @@ class Engine:
         resident = self.resident.get(session_id)
         if not with_kv or resident is None:
             return session, None, {}
-        kv, _, num_computed = resident
+        kv, _, cursor = resident
         tensors = {"k": kv.k[:, :, :kv.n].clone(), "v": kv.v[:, :, :kv.n].clone(),
                    "positions": kv.positions[:, :, :kv.n].clone()}
-        meta = {"num_computed": num_computed, "model": self.loaded.name, "dtype": str(kv.k.dtype),
+        meta = {"num_computed": cursor.num_computed, "next_position": cursor.next_position,
+                "position_tokens": cursor.position_tokens, "history_positions": cursor.history_positions,
+                "model": self.loaded.name, "dtype": str(kv.k.dtype),
                 "shape": list(kv.k.shape[:2]) + [kv.n, kv.k.shape[-1]]}
         return session, tensors, meta
 
@@ -725,7 +792,12 @@ class Engine:
         region.v[:, :, :n] = tensors["v"].to(region.v.device, region.v.dtype)
         region.positions[:, :, :n] = tensors["positions"].to(region.positions.device)
         region.n = n
-        self.resident[session.id] = (region, None, int(meta["num_computed"]))
+        computed = int(meta["num_computed"])
+        cursor = Cursor.of_history(session.token_ids, computed)
+        if "next_position" in meta:  # snapshots written before positions had their own counter lack it
+            cursor = Cursor(computed, int(meta["next_position"]), list(meta["position_tokens"]),
+                            list(meta["history_positions"]))
+        self.resident[session.id] = (region, None, cursor)
         return True
 
     # ---- convenience for tests, benchmarks and the eval harness ------------------------------------

@@ -112,8 +112,9 @@ class SequenceStatistics:
 
 
 def build_frame(frame_id: int, session_id: str, kv: SequenceKV, stats: SequenceStatistics | None, spec: StatsSpec,
-                history: list[int], tool_segments: list[tuple[int, int, int]], *, keep: int, sinks: int, window: int,
-                num_heads: int, step: int, seed: int) -> StatsFrame:
+                position_tokens: list[int], tool_segments: list[tuple[int, int, int]], *, keep: int, sinks: int,
+                window: int, num_heads: int, step: int, seed: int) -> StatsFrame:
+    """position_tokens: the token fed at each logical position; tool_segments: (start, end, index) in positions."""
     n = kv.n
     L, H = kv.k.shape[:2]
     frame = StatsFrame(frame_id=frame_id, session_id=session_id, n=n, keep=keep, sinks=sinks, window=window,
@@ -153,9 +154,9 @@ def build_frame(frame_id: int, session_id: str, kv: SequenceKV, stats: SequenceS
     if names & {"positions", "token_ids", "segment_ids"}:
         out["positions"] = positions.clone()
     if "token_ids" in names:
-        out["token_ids"] = torch.tensor(history, device=positions.device)[positions]
+        out["token_ids"] = torch.tensor(position_tokens, device=positions.device)[positions]
     if "segment_ids" in names:
-        segment = torch.full((len(history),), -1, dtype=torch.long, device=positions.device)
+        segment = torch.full((len(position_tokens),), -1, dtype=torch.long, device=positions.device)
         for start, end, index in tool_segments:
             segment[start:end] = index
         out["segment_ids"] = segment[positions]
