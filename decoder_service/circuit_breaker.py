@@ -1,8 +1,8 @@
 """A circuit breaker in front of the remote policy service.
 
 A hung policy service (SIGSTOP, a wedged replica) answers nothing: without a breaker every compression of
-every stream would wait out its own timeout. After `failure_threshold` consecutive failures (a decision too
-late, an error, a lost stream) the circuit opens: frames are not sent and the local fallback compresses at
+every stream would wait out its own timeout. After `failure_threshold` consecutive failures (decisions too
+late: a service that is down or answers with an error fails fast already and is not counted) the circuit opens: frames are not sent and the local fallback compresses at
 once. After `cool_down_s` one probe frame goes out (half-open); a decision in time closes the circuit, a
 failure opens it for another cool-down.
 

@@ -126,8 +126,7 @@ class Compressor:
                                     f"{self.breaker.retry_in_s():.1f} s")
                 return
             key = self.policy.submit(frame, c.policy, c.params, telemetry.inject(span), request_id=seq.id)
-            if key is None:
-                self.breaker.failure()
+            if key is None:  # known down: this fails fast already, so it does not count against the circuit
                 self.apply_fallback(engine, seq, frame, span, reason="policy service unavailable")
                 return
             state.pending = PendingFrame(frame, key, span, time.monotonic(), seq.steps)
@@ -197,8 +196,7 @@ class Compressor:
         state.pending = None
         if self.metrics is not None:
             self.metrics.round_trip.record(time.monotonic() - pending.sent_at, {"kvpilot.policy": seq.request.compression.policy})
-        if isinstance(result, Exception):
-            self.breaker.failure()
+        if isinstance(result, Exception):  # a lost stream fails its frames at once: no wait to cut short
             self.apply_fallback(engine, seq, pending.frame, pending.span, reason=f"policy service: {result}")
             return
         self.breaker.success()

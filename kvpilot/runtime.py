@@ -88,7 +88,7 @@ def add_runtime_arguments(parser) -> None:
     parser.add_argument("--decision-timeout", type=float, default=2.0,
                         help="seconds a sequence out of room waits for a remote decision before falling back")
     parser.add_argument("--circuit-failures", type=int, default=3,
-                        help="consecutive remote-policy failures (timeouts, errors) that open the circuit")
+                        help="consecutive remote-policy decisions too late (timeouts) that open the circuit")
     parser.add_argument("--circuit-cool-down", type=float, default=5.0,
                         help="seconds the circuit stays open (local fallback) before one probe frame")
 
