@@ -266,7 +266,8 @@ class Engine:
     def feed_input_only(self, request_id: str, token_ids: list[int]) -> None:
         """Queue tokens to feed after the sequence's pending history: each gets a KV slot and the next logical
         position, but is never sampled, streamed, shown or added to the history (Breadcrumbs' beacons).
-        The next sampled token follows them. Engine thread only (a step hook, or through AsyncEngine.call)."""
+        The next sampled token follows them. Engine thread only (a step hook, or through AsyncEngine.call).
+        They are not in the session history: a session whose parked KV was dropped re-prefills without them."""
         vocab = self.model_config.vocab_size
         bad = [t for t in token_ids if not 0 <= t < vocab]
         if bad:
