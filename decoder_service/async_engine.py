@@ -15,8 +15,9 @@ import time
 import uuid
 from typing import AsyncIterator, Callable, TypeVar
 
-from decoder_service.engine import Engine
-from decoder_service.requests import Event, FinishEvent, GenerationRequest, InternalError, RequestError
+from decoder_service.engine import Engine, provisional_description
+from decoder_service.requests import Event, FinishEvent, GenerationRequest, InternalError, InvalidRequest, RequestError
+from kvpilot_protocol.policy import PolicyRejected, PolicyUnavailable
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -26,6 +27,9 @@ class EngineStopped(RequestError):
     """The engine thread is not running (shut down, or died): nothing can be served."""
 
     code = "UNAVAILABLE"
+
+    def __init__(self, message: str = "the decoder's engine is not running; retry on another decoder"):
+        super().__init__(message)
 
 
 class AsyncEngine:
@@ -45,7 +49,7 @@ class AsyncEngine:
         try:
             self._loop()
         finally:
-            self._fail_commands(EngineStopped("the decoder's engine is not running; retry on another decoder"))
+            self._fail_commands(EngineStopped())
 
     def _fail_commands(self, error: Exception) -> None:
         while True:
@@ -101,34 +105,26 @@ class AsyncEngine:
         self._commands.put((fn, future))
         self._wake.set()
         if not self.alive:  # it may have stopped before or while the command was queued
-            self._fail_commands(EngineStopped("the decoder's engine is not running; retry on another decoder"))
+            self._fail_commands(EngineStopped())
         return await asyncio.wrap_future(future)
 
     async def describe(self, policy: str, params: dict[str, str]):
         """The policy's description without blocking the event loop or the engine thread: a remote client
         answers over its own loop, an in-process one in a worker thread (building a scorer may load weights).
         Raises InvalidRequest for an unknown policy or bad parameters."""
-        from kvpilot_protocol.policy import PolicyDescription, PolicyRejected, PolicyUnavailable
-
-        from decoder_service.requests import InvalidRequest
-
         client = self.engine.compressor.policy
         try:
             if policy == "full" or not hasattr(client, "describe_async"):
                 return await asyncio.to_thread(self.engine.describe, policy, dict(params))
-            key = (policy, tuple(sorted(params.items())))
             description = await client.describe_async(policy, dict(params))
-            self.engine.remember_description(key, description)
+            self.engine.remember_description(policy, params, description)
             return description
         except PolicyRejected as exc:
             raise InvalidRequest(str(exc)) from None
         except PolicyUnavailable as exc:
-            log.warning("policy %r could not be described (%s): its compressions will use the fallback", policy, exc)
-            return PolicyDescription(policy=policy, provisional=True)
+            return provisional_description(policy, exc)
 
     async def policies(self) -> list[str]:
-        from kvpilot_protocol.policy import PolicyUnavailable
-
         client = self.engine.compressor.policy
         if hasattr(client, "policies_async"):
             try:

@@ -376,7 +376,7 @@ def span_keep_set(plan: SpanDrop, kv, frame_n: int, keep: int, sinks: int = 0) -
     After per-head compaction the heads hold different positions, so a span can remove a different number
     of slots from each; and the spans alone may leave more than the budget. A recency top-up (what the
     fallback keeps) then trims every head to the same count k = min(budget, fewest survivors of any head):
-    the most recent survivors stay, with the sinks (the first `sinks` survivors never go first)."""
+    the surviving sinks (slots [0, sinks)) stay first, then the most recent survivors."""
     positions = kv.positions[:, :, :frame_n]
     survives = torch.ones_like(positions, dtype=torch.bool)
     for start, end in plan.spans:

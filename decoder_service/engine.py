@@ -68,6 +68,13 @@ log = logging.getLogger(__name__)
 SESSION_ID = re.compile(r"[A-Za-z0-9_.:\-]{1,128}")
 
 
+def provisional_description(policy: str, error: Exception) -> PolicyDescription:
+    """Never stall, never die: a policy the service cannot describe right now is served with no statistics,
+    so every compression of the request falls back (counted, reported). Never cached."""
+    log.warning("policy %r could not be described (%s): its compressions will use the fallback", policy, error)
+    return PolicyDescription(policy=policy, provisional=True)
+
+
 def check_session_id(session_id: str) -> None:
     if not SESSION_ID.fullmatch(session_id):
         raise InvalidRequest(f"session id {session_id[:64]!r} is invalid: use 1-128 characters of A-Z a-z 0-9 _ . : -")
@@ -181,7 +188,7 @@ class Engine:
         self.store = store or InMemorySessionStore()
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
-        self.resident: OrderedDict[str, tuple[SequenceKV, SequenceStatistics | None, int]] = OrderedDict()
+        self.resident: OrderedDict[str, tuple[SequenceKV, SequenceStatistics | None, Cursor]] = OrderedDict()
         self.busy_sessions: set[str] = set()
         self.metrics = DecoderMetrics(self.pool)
         self.compressor = Compressor(policy=policy, fallback=fallback, metrics=self.metrics)
@@ -307,15 +314,14 @@ class Engine:
         try:
             description = self.compressor.policy.describe(policy, dict(params))
         except PolicyUnavailable as exc:
-            # Never stall, never die: serve the request; every compression falls back (counted, reported).
-            log.warning("policy %r could not be described (%s): its compressions will use the fallback", policy, exc)
-            return PolicyDescription(policy=policy, provisional=True)
-        self.remember_description(key, description)
+            return provisional_description(policy, exc)
+        self.remember_description(policy, params, description)
         return description
 
-    def remember_description(self, key: tuple, description: PolicyDescription) -> None:
+    def remember_description(self, policy: str, params: dict[str, str], description: PolicyDescription) -> None:
         if description.provisional:
             return
+        key = (policy, tuple(sorted(params.items())))
         with self._descriptions_lock:
             self._descriptions[key] = description
             while len(self._descriptions) > 256:
@@ -714,13 +720,18 @@ class Engine:
         resident = self.resident.get(session_id)
         return session, (resident[0].n if resident else 0)
 
-    def delete_session(self, session_id: str, principal: str | None = None) -> None:
+    def check_deletable(self, session_id: str, principal: str | None = None) -> None:
+        """Raise what deleting would answer before anything is deleted: another principal's session is
+        unknown, a generating one is busy. An id unknown here passes (the durable store may hold it)."""
         check_session_id(session_id)
         session = self.store.get(session_id)
         if session is not None and not session.visible_to(principal):
             raise SessionNotFound(f"unknown session id {session_id!r}")
         if session_id in self.busy_sessions:
             raise SessionConflict(f"session {session_id!r} is generating; cancel its stream first")
+
+    def delete_session(self, session_id: str, principal: str | None = None) -> None:
+        self.check_deletable(session_id, principal)
         had_kv = self.drop_resident(session_id)
         if not self.store.delete(session_id) and not had_kv:
             raise SessionNotFound(f"unknown session id {session_id!r}")

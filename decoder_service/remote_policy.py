@@ -104,16 +104,14 @@ class RemotePolicy:
         """The same from any event loop (the decoder's gRPC server warms the engine's cache with it)."""
         return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self._describe(policy, params), self._loop))
 
-    def policies(self) -> list[str]:
-        return sorted(d.policy for d in self._describe_all())
+    def policies(self, timeout_s: float = 5.0) -> list[str]:
+        return asyncio.run_coroutine_threadsafe(self._policies(), self._loop).result(timeout_s)
 
     async def policies_async(self) -> list[str]:
-        found = await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self._describe_call(pb.DescribeRequest()),
-                                                                           self._loop))
-        return sorted(d.policy for d in found.policies)
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self._policies(), self._loop))
 
-    def _describe_all(self):
-        return asyncio.run_coroutine_threadsafe(self._describe_call(pb.DescribeRequest()), self._loop).result(5.0).policies
+    async def _policies(self) -> list[str]:
+        return sorted(d.policy for d in (await self._describe_call(pb.DescribeRequest())).policies)
 
     async def _describe(self, policy: str, params: dict[str, str]) -> PolicyDescription:
         response = await self._describe_call(pb.DescribeRequest(policy=policy, params=dict(params)))

@@ -318,11 +318,7 @@ class DecoderServicer:
             check_session_id(sid)
             await self.load_session(sid)
             # Ownership first: another principal's session is "unknown" and stays untouched.
-            known = await self.engine.call(lambda: engine.knows_session(sid))
-            if known:
-                await self.engine.call(lambda: engine.get_session(sid, principal))
-                if await self.engine.call(lambda: sid in engine.busy_sessions):
-                    raise SessionConflict(f"session {sid!r} is generating; cancel its stream first")
+            await self.engine.call(lambda: engine.check_deletable(sid, principal))
             deleted_durably = False
             if self.durable is not None:
                 try:
