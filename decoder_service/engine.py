@@ -182,6 +182,10 @@ class Engine:
         self.tokenizer = loaded.tokenizer
         self.model_config = loaded.config
         self.config = config or EngineConfig()
+        if self.config.stats_memory_bytes is not None and self.config.stats_memory_bytes <= 0:
+            raise ValueError(f"stats_memory_bytes must be > 0 (got {self.config.stats_memory_bytes}); None: pool / 4")
+        if self.config.max_bypass_s < 0:
+            raise ValueError(f"max_bypass_s must be >= 0 seconds (got {self.config.max_bypass_s})")
         self.device = next(self.model.parameters()).device
         dtype = self.config.kv_dtype or next(self.model.parameters()).dtype
         self.pool = KVPool.for_model(self.model_config, self.config.kv_pool_bytes, dtype, self.device)

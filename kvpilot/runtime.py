@@ -51,6 +51,7 @@ def build_engine(opts: RuntimeOptions) -> Engine:
     fallback = fallback_scorer(opts.fallback_policy, local)  # refuses a fallback that needs statistics
     if opts.decision_timeout_s <= 0:
         raise ValueError(f"--decision-timeout must be > 0 seconds (got {opts.decision_timeout_s})")
+    breaker = CircuitBreaker(opts.circuit_failures, opts.circuit_cool_down_s)  # raises for bad settings
     if opts.threads:
         torch.set_num_threads(opts.threads)
     path = opts.model or default_model_path()
@@ -60,8 +61,8 @@ def build_engine(opts: RuntimeOptions) -> Engine:
                           max_running=opts.max_running, kv_pool_bytes=opts.kv_pool_mb << 20)
     engine = Engine(loaded, config, policy=local, fallback=fallback)
     engine.compressor.decision_timeout_s = opts.decision_timeout_s
-    engine.compressor.breaker = CircuitBreaker(opts.circuit_failures, opts.circuit_cool_down_s,
-                                               on_change=engine.compressor.breaker.on_change)
+    breaker.on_change = engine.compressor.breaker.on_change
+    engine.compressor.breaker = breaker
     if opts.policy_url:
         from decoder_service.remote_policy import RemotePolicy
         from kvpilot_protocol.security import load_client_token

@@ -578,3 +578,36 @@ def test_health_reports_not_serving_once_the_engine_thread_is_gone(make_engine):
         with pytest.raises(grpc.RpcError) as exc:  # answered at once, not left hanging
             list(stub.Generate(build_request(token_ids=[5], max_new_tokens=2), timeout=10))
         assert exc.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+# ---- every new setting has a range ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("field,value", [("stats_memory_bytes", 0), ("max_bypass_s", -1.0)])
+def test_engine_settings_out_of_range_are_refused(make_engine, field, value):
+    with pytest.raises(ValueError, match=field):
+        make_engine(**{field: value})
+
+
+@pytest.mark.parametrize("option,value,message", [
+    ("decision_timeout_s", 0.0, "--decision-timeout"), ("circuit_failures", 0, "failure_threshold"),
+    ("circuit_cool_down_s", 0.0, "cool_down_s"), ("fallback_policy", "h2o", "needs statistics")])
+def test_runtime_settings_out_of_range_are_refused_before_the_model_loads(option, value, message):
+    from kvpilot.runtime import RuntimeOptions, build_engine
+
+    # A model path that does not exist: reaching the load would be a different error.
+    with pytest.raises(ValueError, match=message):
+        build_engine(RuntimeOptions(model="/nonexistent-model", **{option: value}))
+
+
+def test_serve_refuses_a_non_positive_session_ttl():
+    from kvpilot import cli
+
+    with pytest.raises(SystemExit, match="--session-ttl must be > 0"):
+        cli.main(["serve", "--session-ttl", "0"])
+
+
+def test_remote_policy_needs_a_stream():
+    from decoder_service.remote_policy import RemotePolicy
+
+    with pytest.raises(ValueError, match="policy streams must be >= 1"):
+        RemotePolicy("127.0.0.1:1", streams=0)
