@@ -267,13 +267,12 @@ class Compressor:
                 groups = list(plan.groups) + [[i] for i in late]
                 weights = list(plan.weights) + [[1.0] for _ in late]
                 anchors = list(plan.anchors) + list(late)
-                kv.n = kernels.merge_(kv.k, kv.v, kv.positions, kernels.MergePlan.from_groups(groups, weights, anchors),
-                                      kv.n)
+                kv.merge(kernels.MergePlan.from_groups(groups, weights, anchors))
                 merged = sum(len(g) - 1 for g in plan.groups)
                 if seq.stats is not None:
                     seq.stats.merge(groups, before)
             else:
-                kv.n = kernels.compact_(kv.k, kv.v, kv.positions, keep, kv.n)
+                kv.compact(keep)
                 if seq.stats is not None:
                     seq.stats.gather(keep, before)
         state.epoch += 1
@@ -310,9 +309,10 @@ class Compressor:
             return span_keep_set(plan, kv, frame.n, frame.keep, frame.sinks)
         if not isinstance(plan, KeepSet):
             raise TypeError(f"unknown plan {type(plan).__name__}")
-        keep = plan.indices.to(kv.k.device, torch.long)
-        if plan.per_head and tuple(keep.shape[:2]) != tuple(kv.k.shape[:2]):
-            raise ValueError(f"per-head keep set shape {tuple(keep.shape)} does not match the cache {tuple(kv.k.shape[:2])}")
+        keep = plan.indices.to(kv.pool.device, torch.long)
+        rows = (kv.pool.num_layers, kv.pool.num_kv_heads)
+        if plan.per_head and tuple(keep.shape[:2]) != rows:
+            raise ValueError(f"per-head keep set shape {tuple(keep.shape)} does not match the cache {rows}")
         if keep.shape[-1] > frame.keep:
             raise ValueError(f"keep set holds {keep.shape[-1]} slots, budget is {frame.keep}")
         if keep.numel() and (int(keep.min()) < 0 or int(keep.max()) >= frame.n):
@@ -337,7 +337,7 @@ class Compressor:
         fresh = StatsFrame(frame_id=frame_id, session_id=seq.session.id if seq.session else seq.id, n=seq.kv.n,
                            keep=c.budget, sinks=c.sinks, window=c.window, num_layers=m.num_layers,
                            num_kv_heads=m.num_kv_heads, num_heads=m.num_heads, step=len(seq.generated), seed=seed,
-                           device=seq.kv.k.device)
+                           device=seq.kv.pool.device)
         if span is None:
             span = telemetry.start_compaction_span(seq.request.trace_parent, frame_id, self.fallback.name, fresh.n)
         try:
@@ -377,7 +377,7 @@ def span_keep_set(plan: SpanDrop, kv, frame_n: int, keep: int, sinks: int = 0) -
     of slots from each; and the spans alone may leave more than the budget. A recency top-up (what the
     fallback keeps) then trims every head to the same count k = min(budget, fewest survivors of any head):
     the surviving sinks (slots [0, sinks)) stay first, then the most recent survivors."""
-    positions = kv.positions[:, :, :frame_n]
+    positions = kv.pool.positions[:, :, kv.slot_map[:frame_n]]
     survives = torch.ones_like(positions, dtype=torch.bool)
     for start, end in plan.spans:
         survives &= (positions < start) | (positions >= end)

@@ -6,14 +6,15 @@ One `step()`:
      it, until it has waited `max_bypass_s` (then nothing overtakes it, so it cannot starve),
   2. schedule tokens: one decode token per running sequence, then prefill chunks up to the step's budget,
      cut where the sequence's next compression is due (invariant 10),
-  3. run the model once over all scheduled tokens (flattened), attention per sequence over its pool region,
+  3. run the model once over all scheduled tokens (flattened), one attention call per layer for every
+     sequence through the block tables of the paged pool (attention.py),
   4. sample where a sequence has consumed all its known tokens, stream text, check stop conditions,
   5. run step hooks (compression lives there), retire finished sequences and free their slots.
 
 Containment (invariant 9): a fault that belongs to one sequence (a numeric blow-up in sampling, a scorer or
 kernel error, a failed allocation) ends that sequence alone through `fail()`, with a status and a message;
 a failing batched forward is retried sequence by sequence to find the one at fault. `_retire` is the one
-place where a sequence's region, statistics memory, decision in flight and spans are released.
+place where a sequence's KV blocks, statistics memory, decision in flight and spans are released.
 
 The engine is synchronous and single-threaded: `AsyncEngine` (async_engine.py) runs it on its own thread and
 feeds it requests from the gRPC event loop.
@@ -57,7 +58,7 @@ from decoder_service.requests import (
     TokenEvent,
     Usage,
 )
-from decoder_service.sampling import sample_token
+from decoder_service.sampling import NON_FINITE, SamplingError, greedy_tokens, sample_token
 from decoder_service.sessions import InMemorySessionStore, Session
 from decoder_service.statistics import SequenceStatistics, statistics_bytes
 from kvpilot_protocol.telemetry import DecoderMetrics
@@ -91,6 +92,7 @@ class EngineConfig:
     max_resident_sessions: int = 256  # idle sessions whose KV stays in the pool (LRU beyond that)
     stats_memory_bytes: int | None = None  # statistics held outside the pool, all sequences; None: pool / 4
     max_bypass_s: float = 2.0  # how long a request that does not fit yet lets later (smaller) ones overtake it
+    block_size: int = 16  # KV slots per pool block (a power of two)
 
 
 @dataclass
@@ -112,7 +114,7 @@ class Cursor:
 
 @dataclass
 class Sequence:
-    """A request in flight: its tokens, its pool region and its output stream."""
+    """A request in flight: its tokens, its KV blocks and its output stream."""
 
     request: GenerationRequest
     emit: Callable[[Event], None]
@@ -188,7 +190,8 @@ class Engine:
             raise ValueError(f"max_bypass_s must be >= 0 seconds (got {self.config.max_bypass_s})")
         self.device = next(self.model.parameters()).device
         dtype = self.config.kv_dtype or next(self.model.parameters()).dtype
-        self.pool = KVPool.for_model(self.model_config, self.config.kv_pool_bytes, dtype, self.device)
+        self.pool = KVPool.for_model(self.model_config, self.config.kv_pool_bytes, dtype, self.device,
+                                     self.config.block_size)
         self.store = store or InMemorySessionStore()
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -409,7 +412,7 @@ class Engine:
         for seq in [s for s in self.waiting if s.request.deadline is not None and s.request.deadline <= now]:
             self.fail(seq, DeadlineExceeded(
                 f"deadline exceeded after {now - seq.started_at:.1f} s waiting for KV memory "
-                f"({seq.reserved_slots} slots needed, {self.pool.largest_free_region} free in one piece)"))
+                f"({seq.reserved_slots} slots needed, {self.pool.available_slots} can be promised now)"))
 
     def _admit(self) -> None:
         """Admit in arrival order, letting later requests overtake one that does not fit yet, unless it has
@@ -433,7 +436,7 @@ class Engine:
                 return
 
     def _reserve(self, seq: Sequence) -> bool:
-        """Take the sequence's pool region (growing its session's parked one) and its statistics memory.
+        """Reserve the sequence's KV (growing its session's parked reservation, nothing copied) and its statistics memory.
         Returns False when memory is short right now; any other failure raises with nothing left taken."""
         sid = seq.session.id if seq.session else None
         resident = self.resident.get(sid) if sid else None
@@ -571,7 +574,7 @@ class Engine:
             fed, history = seq.feed(n)
             start = seq.next_position
             try:
-                seq.kv.commit(torch.arange(start, start + n, device=self.device))
+                seq.kv.advance(n)  # positions were written with the K/V (PoolAttention)
             except Exception as exc:
                 self.fail(seq, exc)
                 continue
@@ -584,9 +587,17 @@ class Engine:
             if samples:
                 samplers.append((row - 1, seq))
         batch = [(seq, n) for seq, n in batch if seq.finish_reason is None]
+        greedy = [(row, seq) for row, seq in samplers if seq.request.sampling.greedy]
+        picks = dict(zip((seq.id for _, seq in greedy),
+                         greedy_tokens(logits[[row for row, _ in greedy]]) if greedy else []))
         for row, seq in samplers:
             try:
-                token = sample_token(logits[row], seq.request.sampling, seq.generator)
+                if seq.id in picks:  # greedy rows: one argmax for the whole step
+                    token = picks[seq.id]
+                    if token is None:
+                        raise SamplingError(NON_FINITE)
+                else:
+                    token = sample_token(logits[row], seq.request.sampling, seq.generator)
             except Exception as exc:
                 self.fail(seq, exc)
                 continue
@@ -622,7 +633,7 @@ class Engine:
         input_ids = torch.tensor([ids], device=self.device)
         pos = torch.tensor([positions], device=self.device)
         rows = torch.tensor(sample_rows, device=self.device, dtype=torch.long)
-        return self.model(input_ids, pos, PoolAttention(segments), logits_at=rows)
+        return self.model(input_ids, pos, PoolAttention(segments, self.pool), logits_at=rows)
 
     def _append_token(self, seq: Sequence, token: int) -> None:
         s = seq.request.sampling
@@ -654,7 +665,7 @@ class Engine:
 
     def _retire(self, seq: Sequence) -> None:
         """Finish a sequence: the one place where everything it holds is released (invariant 9): its decision in
-        flight and that frame's span, its statistics memory, its pool region (freed, or parked for its session),
+        flight and that frame's span, its statistics memory, its KV blocks (freed, or parked for its session),
         then the final message."""
         if seq in self.running:
             self.running.remove(seq)
@@ -763,6 +774,8 @@ class Engine:
             pool_capacity_slots=pool.capacity_slots, pool_reserved_slots=pool.reserved_slots,
             pool_used_slots=pool.used_slots, pool_free_slots=pool.free_slots,
             pool_largest_free_region=pool.largest_free_region, pool_capacity_bytes=pool.capacity_bytes,
+            pool_block_size=pool.block_size, pool_blocks=pool.num_blocks, pool_free_blocks=pool.free_blocks,
+            pool_promised_blocks=pool.promised_blocks,
             pool_reserved_bytes=pool.reserved_bytes, pool_used_bytes=pool.used_bytes,
             pool_free_bytes=pool.free_slots * pool.slot_bytes, slot_bytes=pool.slot_bytes,
             stats_capacity_bytes=self.stats_capacity_bytes, stats_reserved_bytes=self.stats_reserved_bytes,
@@ -780,12 +793,10 @@ class Engine:
         if not with_kv or resident is None:
             return session, None, {}
         kv, _, cursor = resident
-        tensors = {"k": kv.k[:, :, :kv.n].clone(), "v": kv.v[:, :, :kv.n].clone(),
-                   "positions": kv.positions[:, :, :kv.n].clone()}
+        tensors = kv.dense()._asdict()
         meta = {"num_computed": cursor.num_computed, "next_position": cursor.next_position,
                 "position_tokens": cursor.position_tokens, "history_positions": cursor.history_positions,
-                "model": self.loaded.name, "dtype": str(kv.k.dtype),
-                "shape": list(kv.k.shape[:2]) + [kv.n, kv.k.shape[-1]]}
+                "model": self.loaded.name, "dtype": str(tensors["k"].dtype), "shape": list(tensors["k"].shape)}
         return session, tensors, meta
 
     def import_session(self, session: Session, tensors: dict | None = None, meta: dict | None = None) -> bool:
@@ -804,10 +815,7 @@ class Engine:
             region = self.pool.allocate(uuid.uuid4().hex, max(n, 1))
         except PoolExhausted:
             return False
-        region.k[:, :, :n] = k.to(region.k.device, region.k.dtype)
-        region.v[:, :, :n] = tensors["v"].to(region.v.device, region.v.dtype)
-        region.positions[:, :, :n] = tensors["positions"].to(region.positions.device)
-        region.n = n
+        region.load(k, tensors["v"], tensors["positions"])
         computed = int(meta["num_computed"])
         cursor = Cursor.of_history(session.token_ids, computed)
         if "next_position" in meta:  # snapshots written before positions had their own counter lack it

@@ -1,61 +1,160 @@
-"""KV pool: one preallocated arena, carved into per-sequence regions, with explicit byte accounting.
+"""Paged KV pool: fixed-size blocks with reference counts, a block table per sequence, explicit accounting.
 
-Every sequence owns one contiguous region of `capacity` slots. A slot holds one token's key and value for
-every (layer, KV head), so the region views as
+Physical layout (one allocation each, made once):
 
-    k, v       [L, H, capacity, D]   keys stored after RoPE
-    positions  [L, H, capacity]      logical position of each slot (eviction never shifts positions)
+    k, v       [L, H, S, D]   S = (num_blocks + 1) * block_size physical slots; keys stored after RoPE
+    positions  [L, H, S]      int64, the logical position of each slot (eviction never shifts positions)
 
-and the first `n` slots of every (layer, head) row are valid: the same count everywhere (per-head keep sets
-differ in *which* slots, never in how many), so attention over a sequence is a dense op.
+(the last block is never handed out: it stays zero and is what batched attention reads for padding).
 
-Memory is realised, not simulated: compaction moves kept slots to the front and lowers `n`, so the freed
-slots take new tokens, and a sequence never needs more than the region admission control reserved. The
-arena is allocated once; regions come from a first-fit free list that coalesces on free (the explicit
-accounting vLLM's block pool does for pages, done here for variable-size contiguous regions).
+Physical block b holds the physical slots [b * block_size, (b + 1) * block_size) of every (layer, KV head)
+row, so one block of one head is a contiguous [block_size, D] tile (what the paged decode kernel loads). A
+sequence sees *logical* slots 0..n-1: logical slot j lives at physical slot
+
+    slot_map[j] = block_table[j // block_size] * block_size + j % block_size
+
+for every (layer, KV head) row: one map shared by all rows (invariant 4: every row holds the same number of
+valid slots; per-head keep sets differ in *which* tokens a row holds, never in how many).
+
+Accounting (the vLLM / nano-vLLM block manager idea, written for this pool):
+  * a block is free or has a reference count >= 1 (the sequences whose tables hold it);
+  * a sequence *reserves* `capacity` slots at admission (its maximum footprint); blocks are taken when its
+    tokens are written. The pool promises every sequence its headroom (reserved blocks it does not yet own
+    exclusively), and admits new reservations only from what is free beyond those promises, so a running
+    sequence can never run out of blocks;
+  * compaction rewrites slots within the sequence's blocks and returns the emptied tail blocks at once
+    (invariant 1: the freed bytes are counted free);
+  * `fork` gives a child that shares all its parent's blocks (reference counts + 1): copy-on-write. Whoever
+    writes a shared block (an append into the parent's partly filled last block, a compaction) first gets a
+    private copy, so neither ever changes the other's cache; freeing frees only the blocks no one else holds;
+  * a parked session shrinks its reservation to what it holds (no copy) and grows it again when it continues
+    (no copy either): the contiguous pool this replaced copied a session's whole KV twice per turn.
 """
 from __future__ import annotations
 
-import bisect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
+import kernels
+
+DEFAULT_BLOCK_SIZE = 16
+
 
 class PoolExhausted(Exception):
-    """No free region is large enough right now."""
+    """Not enough unpromised free blocks right now."""
 
 
-@dataclass
+class DenseKV(NamedTuple):
+    """A sequence's valid slots gathered out of the pool (a copy): k, v [L, H, n, D], positions [L, H, n]."""
+
+    k: Tensor
+    v: Tensor
+    positions: Tensor
+
+
+@dataclass(eq=False)
 class SequenceKV:
-    """One sequence's region of the pool."""
+    """One sequence's view of the pool: its block table, its valid count and its reservation."""
 
     owner: str
-    offset: int  # first slot of the region in the arena
-    capacity: int  # slots reserved
-    k: Tensor  # [L, H, capacity, D]
-    v: Tensor  # [L, H, capacity, D]
-    positions: Tensor  # [L, H, capacity] int64
+    pool: "KVPool"
+    capacity: int  # slots reserved: the sequence never holds more (admission control counted them)
+    blocks: list[int] = field(default_factory=list)  # block table: physical block of logical block i
     n: int = 0  # valid slots in every (layer, KV head) row
+    _slot_map: Tensor | None = None
 
     @property
     def free_slots(self) -> int:
         return self.capacity - self.n
 
-    def write(self, layer: int, k_new: Tensor, v_new: Tensor) -> None:
-        """Store T new tokens of one layer in slots [n, n + T). k_new, v_new: [T, H, D]. `n` moves in `commit`."""
-        t = k_new.shape[0]
+    @property
+    def reserved_blocks(self) -> int:
+        return -(-self.capacity // self.pool.block_size)
+
+    @property
+    def slot_map(self) -> Tensor:
+        """Physical slot of every logical slot the table covers: [len(blocks) * block_size] int64."""
+        if self._slot_map is None:
+            bs = self.pool.block_size
+            table = torch.tensor(self.blocks, dtype=torch.long, device=self.pool.device)
+            self._slot_map = (table[:, None] * bs + torch.arange(bs, device=self.pool.device)).reshape(-1)
+        return self._slot_map
+
+    # ---- appending ----------------------------------------------------------------------------------
+    def prepare_append(self, t: int) -> None:
+        """Make room for t new tokens at logical slots [n, n + t): take blocks, and copy a shared partly filled
+        last block first (copy-on-write: the slots past `n` in it belong to whoever shares it)."""
         if self.n + t > self.capacity:
             raise RuntimeError(f"sequence {self.owner}: {self.n} + {t} slots exceed its reserved {self.capacity}")
-        self.k[layer, :, self.n:self.n + t] = k_new.transpose(0, 1)
-        self.v[layer, :, self.n:self.n + t] = v_new.transpose(0, 1)
+        bs = self.pool.block_size
+        if self.n % bs and self.pool.refcount[self.blocks[self.n // bs]] > 1:
+            self.pool.copy_on_write(self, self.n // bs)
+        while len(self.blocks) * bs < self.n + t:
+            self.pool.take_block(self)
+
+    def write_slots(self, t: int) -> Tensor:
+        """Physical slots of the next t tokens (after `prepare_append(t)`)."""
+        return self.slot_map[self.n:self.n + t]
+
+    def write(self, layer: int, k_new: Tensor, v_new: Tensor) -> None:
+        """Store T new tokens of one layer (k_new, v_new: [T, H, D]); `n` moves in `commit`."""
+        t = k_new.shape[0]
+        self.prepare_append(t)
+        slots = self.write_slots(t)
+        self.pool.k[layer][:, slots] = k_new.transpose(0, 1).to(self.pool.dtype)
+        self.pool.v[layer][:, slots] = v_new.transpose(0, 1).to(self.pool.dtype)
 
     def commit(self, positions: Tensor) -> None:
         """After all layers wrote T tokens: record their logical positions [T] and make them valid."""
         t = positions.shape[0]
-        self.positions[:, :, self.n:self.n + t] = positions.to(self.positions.device)
+        if self.n + t > len(self.blocks) * self.pool.block_size:
+            raise RuntimeError(f"sequence {self.owner}: committing {t} slots that were never prepared")
+        self.pool.positions[:, :, self.write_slots(t)] = positions.to(self.pool.positions.device)
         self.n += t
+
+    def advance(self, t: int) -> None:
+        """Make t written tokens valid whose positions were written with them (the engine's batched path)."""
+        if self.n + t > len(self.blocks) * self.pool.block_size:
+            raise RuntimeError(f"sequence {self.owner}: committing {t} slots that were never prepared")
+        self.n += t
+
+    # ---- reading ------------------------------------------------------------------------------------
+    def dense(self) -> DenseKV:
+        slots = self.slot_map[:self.n]
+        p = self.pool
+        return DenseKV(p.k[:, :, slots], p.v[:, :, slots], p.positions[:, :, slots])
+
+    def load(self, k: Tensor, v: Tensor, positions: Tensor) -> None:
+        """Replace the valid slots with dense k, v [L, H, n, D] and positions [L, H, n] (a KV snapshot)."""
+        n = k.shape[2]
+        self.pool.truncate(self, 0)
+        self.prepare_append(n)
+        slots = self.write_slots(n)
+        p = self.pool
+        p.k[:, :, slots] = k.to(p.device, p.dtype)
+        p.v[:, :, slots] = v.to(p.device, p.dtype)
+        p.positions[:, :, slots] = positions.to(p.device)
+        self.n = n
+
+    # ---- rewriting ----------------------------------------------------------------------------------
+    def compact(self, keep: Tensor) -> int:
+        """Keep the slots `keep` ([k] global or [L, H, k] per head, ascending) in logical slots [0, k); the
+        emptied blocks go back to the pool at once. Returns the new valid count."""
+        n_keep = keep.shape[-1]
+        self.pool.make_private(self, n_keep)
+        n = kernels.compact_(self.pool.k, self.pool.v, self.pool.positions, keep, self.n, slot_map=self.slot_map)
+        self.pool.truncate(self, n)
+        return n
+
+    def merge(self, plan) -> int:
+        """Apply a kernels.MergePlan (groups -> representatives in logical slots [0, groups))."""
+        self.pool.make_private(self, plan.n_out)
+        n = kernels.merge_(self.pool.k, self.pool.v, self.pool.positions, plan, self.n, slot_map=self.slot_map)
+        self.pool.truncate(self, n)
+        return n
 
 
 class KVPool:
@@ -67,22 +166,38 @@ class KVPool:
         capacity_slots: int,
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
+        block_size: int = DEFAULT_BLOCK_SIZE,
     ):
+        if block_size < 1 or block_size & (block_size - 1):
+            raise ValueError(f"block_size must be a power of two >= 1 (got {block_size})")
+        if capacity_slots < block_size:
+            raise ValueError(f"a pool of {capacity_slots} slots holds no block of {block_size}")
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
-        self.capacity_slots = capacity_slots
+        self.block_size = block_size
+        self.num_blocks = capacity_slots // block_size
+        self.capacity_slots = self.num_blocks * block_size
         self.dtype, self.device = dtype, torch.device(device)
         self.row_elems = num_layers * num_kv_heads * head_dim  # elements of K (or V) for one token
         self.slot_bytes = 2 * self.row_elems * torch.empty((), dtype=dtype).element_size()
-        # K and V of all regions live in one allocation; positions in a second, smaller one.
-        self.arena = torch.zeros(capacity_slots * 2 * self.row_elems, dtype=dtype, device=self.device)
-        self.position_arena = torch.zeros(capacity_slots * num_layers * num_kv_heads, dtype=torch.int64, device=self.device)
-        self._free: list[tuple[int, int]] = [(0, capacity_slots)]  # (offset, length), sorted by offset
-        self._regions: dict[str, SequenceKV] = {}
+        # One more block than can be handed out: its slots stay zero, and batched attention pads every sequence
+        # to the longest with them, so a padded read can never meet another sequence's data (a NaN there would
+        # poison the masked product: 0 * NaN = NaN).
+        self.pad_slot = self.capacity_slots
+        shape = (num_layers, num_kv_heads, self.capacity_slots + block_size, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=self.device)
+        self.v = torch.zeros(shape, dtype=dtype, device=self.device)
+        self.positions = torch.zeros(shape[:3], dtype=torch.int64, device=self.device)
+        self.refcount = [0] * self.num_blocks
+        self._free_blocks: list[int] = list(range(self.num_blocks - 1, -1, -1))  # a stack: lowest ids first
+        self._sequences: dict[str, SequenceKV] = {}
+        self._shared = 0  # blocks with refcount > 1 (none: every table is exclusive, accounting is O(sequences))
 
     @classmethod
-    def for_model(cls, config, capacity_bytes: int, dtype: torch.dtype, device) -> "KVPool":
+    def for_model(cls, config, capacity_bytes: int, dtype: torch.dtype, device,
+                  block_size: int = DEFAULT_BLOCK_SIZE) -> "KVPool":
         slot_bytes = 2 * config.num_layers * config.num_kv_heads * config.head_dim * torch.empty((), dtype=dtype).element_size()
-        return cls(config.num_layers, config.num_kv_heads, config.head_dim, max(1, capacity_bytes // slot_bytes), dtype, device)
+        slots = max(block_size, capacity_bytes // slot_bytes)
+        return cls(config.num_layers, config.num_kv_heads, config.head_dim, slots, dtype, device, block_size)
 
     # ---- accounting ---------------------------------------------------------------------------------
     @property
@@ -90,20 +205,53 @@ class KVPool:
         return self.capacity_slots * self.slot_bytes
 
     @property
+    def free_blocks(self) -> int:
+        return len(self._free_blocks)
+
+    @property
+    def used_blocks(self) -> int:
+        return self.num_blocks - self.free_blocks
+
+    def exclusive_blocks(self, seq: SequenceKV) -> int:
+        if not self._shared:
+            return len(seq.blocks)
+        return sum(self.refcount[b] == 1 for b in seq.blocks)
+
+    def headroom(self, seq: SequenceKV) -> int:
+        """Blocks the pool has promised `seq` and not yet given it (its reservation beyond what it owns)."""
+        return max(0, seq.reserved_blocks - self.exclusive_blocks(seq))
+
+    @property
+    def promised_blocks(self) -> int:
+        return sum(self.headroom(s) for s in self._sequences.values())
+
+    @property
+    def available_blocks(self) -> int:
+        """Free blocks that no reservation has promised: what admission can hand out."""
+        return self.free_blocks - self.promised_blocks
+
+    @property
+    def available_slots(self) -> int:
+        return self.available_blocks * self.block_size
+
+    @property
     def reserved_slots(self) -> int:
-        return sum(r.capacity for r in self._regions.values())
+        """Slots reserved by live sequences (running, parked or forked)."""
+        return sum(s.capacity for s in self._sequences.values())
 
     @property
     def used_slots(self) -> int:
-        return sum(r.n for r in self._regions.values())
+        """Valid slots over all sequences (a slot shared by a fork counts once per holder)."""
+        return sum(s.n for s in self._sequences.values())
 
     @property
     def free_slots(self) -> int:
-        return sum(length for _, length in self._free)
+        return self.free_blocks * self.block_size
 
     @property
     def largest_free_region(self) -> int:
-        return max((length for _, length in self._free), default=0)
+        """Paged: any free block serves any sequence, so this is what admission can still promise."""
+        return self.available_slots
 
     @property
     def reserved_bytes(self) -> int:
@@ -114,119 +262,155 @@ class KVPool:
         """Bytes of valid K/V slots: what the sequences really hold after compaction."""
         return self.used_slots * self.slot_bytes
 
+    @property
+    def block_bytes(self) -> int:
+        return self.block_size * self.slot_bytes
+
+    def blocks_for(self, slots: int) -> int:
+        return -(-slots // self.block_size)
+
     def region(self, owner: str) -> SequenceKV | None:
-        return self._regions.get(owner)
+        return self._sequences.get(owner)
 
     def regions(self) -> list[SequenceKV]:
-        return list(self._regions.values())
+        return list(self._sequences.values())
 
     def can_allocate(self, slots: int) -> bool:
-        return self.largest_free_region >= slots
+        return self.available_blocks >= self.blocks_for(slots)
 
-    # ---- allocation ---------------------------------------------------------------------------------
+    # ---- reservations -------------------------------------------------------------------------------
     def allocate(self, owner: str, slots: int) -> SequenceKV:
-        if owner in self._regions:
-            raise ValueError(f"{owner} already holds a region")
+        """Reserve `slots` for a new sequence (blocks are taken as its tokens are written)."""
+        if owner in self._sequences:
+            raise ValueError(f"{owner} already holds a reservation")
         if slots <= 0:
-            raise ValueError("a region needs at least one slot")
-        offset = self._take(slots)
-        region = self._view(owner, offset, slots)
-        self._regions[owner] = region
-        return region
-
-    def free(self, owner: str) -> None:
-        region = self._regions.pop(owner, None)
-        if region is not None:
-            self._give_back(region.offset, region.capacity)
+            raise ValueError("a sequence needs at least one slot")
+        self._check_available(self.blocks_for(slots), slots)
+        seq = SequenceKV(owner=owner, pool=self, capacity=slots)
+        self._sequences[owner] = seq
+        return seq
 
     def resize(self, owner: str, slots: int) -> SequenceKV:
-        """Grow or shrink a region, keeping its `n` valid slots (a multi-turn session gets room for the next turn).
+        """Change a sequence's reservation, keeping its blocks (a parked session shrinks to what it holds, and
+        grows for its next turn): nothing is copied. On PoolExhausted nothing has changed."""
+        seq = self._sequences[owner]
+        if slots < seq.n:
+            raise ValueError(f"cannot shrink {owner} to {slots} slots: it holds {seq.n}")
+        before, old_capacity = self.headroom(seq), seq.capacity
+        seq.capacity = max(slots, 1)
+        extra = self.headroom(seq) - before
+        if extra > 0 and self.free_blocks < self.promised_blocks:
+            seq.capacity = old_capacity
+            self._check_available(extra, slots)
+        self.truncate(seq, seq.n)  # a shrunk reservation gives back blocks past its valid slots
+        return seq
 
-        Growth never needs the old and the new region at once when it can be avoided: it extends in place
-        when the free piece right after the region is long enough, else it gives the region back first and
-        takes the new one from the coalesced free space (so a continuation that fits the pool is never blocked
-        by its own parked region). On PoolExhausted nothing has changed."""
-        old = self._regions[owner]
-        if slots < old.n:
-            raise ValueError(f"cannot shrink {owner} to {slots} slots: it holds {old.n}")
-        if slots == old.capacity:
-            return old
-        # Row strides depend on capacity, so the valid slots move row by row (from a clone: rows may overlap).
-        n = old.n
-        k, v, p = old.k[:, :, :n].clone(), old.v[:, :, :n].clone(), old.positions[:, :, :n].clone()
-        if slots < old.capacity:
-            self._give_back(old.offset + slots, old.capacity - slots)
-            new = self._view(owner, old.offset, slots)
-        elif self._take_at(old.offset + old.capacity, slots - old.capacity):
-            new = self._view(owner, old.offset, slots)
-        else:
-            self._give_back(old.offset, old.capacity)
-            try:
-                offset = self._take(slots)
-            except PoolExhausted:
-                taken = self._take_at(old.offset, old.capacity)  # just given back, so it is free
-                assert taken, "the region given back must still be free"
-                raise
-            new = self._view(owner, offset, slots)
-        new.k[:, :, :n], new.v[:, :, :n], new.positions[:, :, :n] = k, v, p
-        new.n = n
-        self._regions[owner] = new
-        return new
+    def free(self, owner: str) -> None:
+        seq = self._sequences.pop(owner, None)
+        if seq is not None:
+            for block in seq.blocks:
+                self._release(block)
+            seq.blocks = []
+            seq._slot_map = None
+            seq.n = 0
 
-    def _view(self, owner: str, offset: int, slots: int) -> SequenceKV:
-        L, H, D = self.num_layers, self.num_kv_heads, self.head_dim
-        start = offset * 2 * self.row_elems
-        half = slots * self.row_elems
-        k = self.arena[start:start + half].view(L, H, slots, D)
-        v = self.arena[start + half:start + 2 * half].view(L, H, slots, D)
-        pstart = offset * L * H
-        positions = self.position_arena[pstart:pstart + slots * L * H].view(L, H, slots)
-        return SequenceKV(owner=owner, offset=offset, capacity=slots, k=k, v=v, positions=positions)
+    def fork(self, parent: str, child: str, slots: int | None = None) -> SequenceKV:
+        """A child sequence that shares all of the parent's blocks copy-on-write (SideQuest's side thread, n > 1
+        samples). `slots`: the child's reservation (default: the parent's). Neither ever writes a block the
+        other holds; freeing the child frees only blocks no one else holds."""
+        src = self._sequences[parent]
+        if child in self._sequences:
+            raise ValueError(f"{child} already holds a reservation")
+        slots = src.capacity if slots is None else slots
+        if slots < src.n:
+            raise ValueError(f"a fork of {parent} needs at least its {src.n} slots (asked {slots})")
+        seq = SequenceKV(owner=child, pool=self, capacity=slots, blocks=list(src.blocks), n=src.n)
+        before = self.promised_blocks
+        for block in seq.blocks:
+            self._share(block)
+        self._sequences[child] = seq
+        # The child's headroom covers a private copy of every block it shares; the parent's grew likewise.
+        if self.free_blocks < self.promised_blocks:
+            self.free(child)
+            raise PoolExhausted(f"fork of {parent} needs {self.promised_blocks - before} more promised blocks; "
+                                f"{self.free_blocks - before} free beyond existing promises")
+        return seq
 
-    def _take(self, slots: int) -> int:
-        for i, (offset, length) in enumerate(self._free):
-            if length >= slots:
-                if length == slots:
-                    del self._free[i]
-                else:
-                    self._free[i] = (offset + slots, length - slots)
-                return offset
-        raise PoolExhausted(
-            f"no free region of {slots} slots (free {self.free_slots} slots in {len(self._free)} pieces, "
-            f"largest {self.largest_free_region})"
-        )
+    def _check_available(self, blocks: int, slots: int) -> None:
+        if self.available_blocks < blocks:
+            raise PoolExhausted(
+                f"no room for {slots} slots ({blocks} blocks of {self.block_size}): {self.free_blocks} blocks free, "
+                f"{self.promised_blocks} of them promised to running sequences")
 
-    def _take_at(self, offset: int, slots: int) -> bool:
-        """Take exactly [offset, offset + slots) if it lies inside one free piece."""
-        i = bisect.bisect_right(self._free, (offset, self.capacity_slots + 1)) - 1
-        if i < 0:
-            return False
-        start, length = self._free[i]
-        if offset + slots > start + length:
-            return False
-        del self._free[i]
-        if offset + slots < start + length:
-            self._free.insert(i, (offset + slots, start + length - offset - slots))
-        if start < offset:
-            self._free.insert(i, (start, offset - start))
-        return True
+    # ---- blocks -------------------------------------------------------------------------------------
+    def take_block(self, seq: SequenceKV) -> int:
+        if len(seq.blocks) >= seq.reserved_blocks:
+            raise RuntimeError(f"sequence {seq.owner} would hold more than its {seq.reserved_blocks} reserved blocks")
+        if not self._free_blocks:
+            raise RuntimeError("KV pool out of blocks despite reservations (accounting bug)")
+        block = self._free_blocks.pop()
+        self.refcount[block] = 1
+        seq.blocks.append(block)
+        seq._slot_map = None
+        return block
 
-    def _give_back(self, offset: int, length: int) -> None:
-        i = bisect.bisect_left(self._free, (offset, 0))
-        self._free.insert(i, (offset, length))
-        # Coalesce with the right neighbour, then the left one.
-        if i + 1 < len(self._free) and offset + length == self._free[i + 1][0]:
-            self._free[i] = (offset, length + self._free[i + 1][1])
-            del self._free[i + 1]
-        if i > 0 and self._free[i - 1][0] + self._free[i - 1][1] == offset:
-            self._free[i - 1] = (self._free[i - 1][0], self._free[i - 1][1] + self._free[i][1])
-            del self._free[i]
+    def copy_on_write(self, seq: SequenceKV, index: int) -> None:
+        """Give `seq` a private copy of its logical block `index` (shared with another sequence)."""
+        old = seq.blocks[index]
+        if not self._free_blocks:
+            raise RuntimeError("KV pool out of blocks for a copy-on-write (accounting bug)")
+        new = self._free_blocks.pop()
+        self.refcount[new] = 1
+        src = slice(old * self.block_size, (old + 1) * self.block_size)
+        dst = slice(new * self.block_size, (new + 1) * self.block_size)
+        self.k[:, :, dst] = self.k[:, :, src]
+        self.v[:, :, dst] = self.v[:, :, src]
+        self.positions[:, :, dst] = self.positions[:, :, src]
+        seq.blocks[index] = new
+        seq._slot_map = None
+        self._release(old)
+
+    def make_private(self, seq: SequenceKV, slots: int) -> None:
+        """Copy every shared block among the first `slots` logical slots of `seq` (before a rewrite)."""
+        if not self._shared:
+            return
+        for index in range(min(len(seq.blocks), self.blocks_for(slots))):
+            if self.refcount[seq.blocks[index]] > 1:
+                self.copy_on_write(seq, index)
+
+    def truncate(self, seq: SequenceKV, n: int) -> None:
+        """Set the valid count to n and give back the blocks past it."""
+        keep = self.blocks_for(n)
+        for block in seq.blocks[keep:]:
+            self._release(block)
+        if len(seq.blocks) > keep:
+            del seq.blocks[keep:]
+            seq._slot_map = None
+        seq.n = n
+
+    def _share(self, block: int) -> None:
+        self.refcount[block] += 1
+        if self.refcount[block] == 2:
+            self._shared += 1
+
+    def _release(self, block: int) -> None:
+        self.refcount[block] -= 1
+        if self.refcount[block] == 1:
+            self._shared -= 1
+        elif self.refcount[block] == 0:
+            self._free_blocks.append(block)
 
     def check_consistency(self) -> None:
-        """Free pieces and regions tile the arena exactly (used by tests and debug builds)."""
-        pieces = sorted([(o, l) for o, l in self._free] + [(r.offset, r.capacity) for r in self._regions.values()])
-        cursor = 0
-        for offset, length in pieces:
-            assert offset == cursor, f"gap or overlap at slot {cursor}: next piece starts at {offset}"
-            cursor += length
-        assert cursor == self.capacity_slots, f"pieces cover {cursor} of {self.capacity_slots} slots"
+        """Reference counts equal table occurrences, free blocks are exactly the unreferenced ones, no sequence
+        holds more than it reserved, and the promises fit in the free blocks (tests and debug builds)."""
+        counts = [0] * self.num_blocks
+        for seq in self._sequences.values():
+            assert len(seq.blocks) <= seq.reserved_blocks, f"{seq.owner} holds more blocks than it reserved"
+            assert seq.n <= min(seq.capacity, len(seq.blocks) * self.block_size), f"{seq.owner}: n past its blocks"
+            for block in seq.blocks:
+                counts[block] += 1
+        assert counts == self.refcount, "reference counts differ from the block tables"
+        free = sorted(self._free_blocks)
+        assert free == [b for b in range(self.num_blocks) if counts[b] == 0], "free list differs from unreferenced blocks"
+        assert self._shared == sum(c > 1 for c in counts), "shared-block count is off"
+        assert self.promised_blocks <= self.free_blocks, "promised more blocks than are free"

@@ -3,7 +3,7 @@
 Only what the policy declares (a StatsSpec) is computed. Two kinds:
   carried  updated at every step from the attention probabilities: cumulative and decayed attention, and a
            ring of the last queries (with their positions) for window / last-query attention. Aligned with
-           the pool region's slots [L, H, capacity] and gathered with the same plan as the KV.
+           the sequence's logical slots [L, H, capacity] and gathered with the same plan as the KV.
   on demand computed from the cached K/V when a frame is taken: norms, value range, R-KV redundancy,
            random projections, window attention of the query ring, positions, token and segment ids.
 """
@@ -67,19 +67,22 @@ class SequenceStatistics:
         return ring + sum(a.numel() * a.element_size() for a in self.accumulators.values())
 
     # ---- carried statistics (called by the attention backend, once per layer per step) -------------
-    def observe(self, layer: int, q: Tensor, probs: Tensor, positions: Tensor) -> None:
-        """q: [T, Hq, D] new queries; probs: [H, G*T, S] their attention (rows: group head, query);
-        positions: [T] their logical positions."""
+    def observe(self, layer: int, q: Tensor, attention: Tensor | None, positions: Tensor) -> None:
+        """q: [T, Hq, D] new queries; attention: [H, T, S] their attention probabilities summed over each KV
+        head's group of query heads (None when no carried statistic is kept); positions: [T] their logical
+        positions."""
         t = q.shape[0]
+        if self.accumulators and attention is None:
+            raise ValueError("carried statistics need the attention probabilities of every step")
         if "cumulative_attention" in self.accumulators:
-            self.accumulators["cumulative_attention"][layer, :, :probs.shape[-1]] += probs.sum(dim=1)
+            self.accumulators["cumulative_attention"][layer, :, :attention.shape[-1]] += attention.sum(dim=1)
         if "decayed_attention" in self.accumulators:
             # Each query decays what came before it by gamma: the last one counts fully.
-            h, gt, s = probs.shape
-            weights = self.spec.decay ** torch.arange(t - 1, -1, -1, device=probs.device, dtype=probs.dtype)
+            s = attention.shape[-1]
+            weights = self.spec.decay ** torch.arange(t - 1, -1, -1, device=attention.device, dtype=attention.dtype)
             acc = self.accumulators["decayed_attention"][layer]
             acc.mul_(self.spec.decay ** t)
-            acc[:, :s] += torch.einsum("hgts,t->hs", probs.view(h, gt // t, t, s), weights)
+            acc[:, :s] += torch.einsum("hts,t->hs", attention, weights)
         if self.queries is not None:
             keep = min(t, self.ring_size)
             slots = (self.queries_seen + t - keep + torch.arange(keep, device=q.device)) % self.ring_size
@@ -116,13 +119,13 @@ def build_frame(frame_id: int, session_id: str, kv: SequenceKV, stats: SequenceS
                 window: int, num_heads: int, step: int, seed: int) -> StatsFrame:
     """position_tokens: the token fed at each logical position; tool_segments: (start, end, index) in positions."""
     n = kv.n
-    L, H = kv.k.shape[:2]
+    dense = kv.dense()
+    L, H = dense.k.shape[:2]
     frame = StatsFrame(frame_id=frame_id, session_id=session_id, n=n, keep=keep, sinks=sinks, window=window,
                        num_layers=L, num_kv_heads=H, num_heads=num_heads, step=step, seed=seed,
-                       tool_segments=list(tool_segments), device=kv.k.device)
+                       tool_segments=list(tool_segments), device=dense.k.device)
     names = spec.names
-    keys, values = kv.k[:, :, :n], kv.v[:, :, :n]
-    positions = kv.positions[:, :, :n]
+    keys, values, positions = dense
     out = frame.stats
     for name in names & CARRIED:
         out[name] = stats.accumulators[name][:, :, :n].clone()

@@ -14,6 +14,14 @@ Output slot j (j = 0 .. n_out-1) is a group of source slots, given in CSR form:
 A plainly kept slot s is a group of one source s with weight 1 and itself as anchor, so a keep set is the
 special case of a plan. The caller lowers its valid count to the returned n_out.
 
+Paged pool: merge through a slot map
+------------------------------------
+With `slot_map` (int64 [>= n_valid], distinct entries; see kernels/compaction.py) k, v and positions are the
+whole paged pool [L, H, S, D] / [L, H, S] and every slot of the plan (sources, anchors, outputs) is a
+logical slot of the sequence, stored at physical slot `slot_map[slot]`. The launchers map sources and
+anchors to physical slots once on the device, and the kernel writes output j to physical `slot_map[j]`.
+Only `slot_map[:n_out]` are written, only `slot_map[:n_valid]` read; the rest of the pool is untouched.
+
 Hazard-freedom of the in-place merge
 ------------------------------------
 Groups are non-empty, pairwise disjoint and ordered by their smallest source, so their minima are distinct
@@ -28,6 +36,9 @@ row over ascending chunks of outputs [c*B, (c+1)*B):
 * slots read by chunk c that lie in a later chunk's destinations are loaded before that later chunk's
   barrier and stores.
 
+The argument is about logical slots; an injective slot map (distinct entries) makes a physical write of
+output j collide with a physical read of source s exactly when j == s, so it carries over unchanged.
+
 `check_plan` enforces every premise (non-empty, in range, disjoint, ordered by minimum, anchor in group) and
 raises ValueError otherwise, because a plan that breaks them would corrupt the cache silently.
 """
@@ -41,7 +52,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .compaction import _check_kv, launchable, use_triton
+from .compaction import _check_kv, check_slot_map, launchable, use_triton
 
 __all__ = ["MergePlan", "merge_", "merge_reference", "merge_triton", "check_plan"]
 
@@ -153,9 +164,10 @@ def check_plan(plan, n_valid: int, device: torch.device, validate: bool = True) 
 @triton.jit
 def _merge_kernel(
     k_ptr, v_ptr, pos_ptr,
-    offsets_ptr, sources_ptr, weights_ptr, anchors_ptr,
+    offsets_ptr, sources_ptr, weights_ptr, anchors_ptr, slot_map_ptr,
     n_out, cap, D,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_SLOT_MAP: tl.constexpr,  # sources/anchors are physical already; outputs go through slot_map
 ):
     row = tl.program_id(0)  # flattened (layer, head); the plan is the same for every row
     dblk = tl.program_id(1)  # slice of the head dim
@@ -189,30 +201,47 @@ def _merge_kernel(
             v_t = tl.load(v_ptr + kv_base + src[:, None] * D + offs_d[None, :], mask=m[:, None] & d_mask[None, :], other=0.0)
             acc += w[:, None] * v_t.to(tl.float32)
 
+        if HAS_SLOT_MAP:
+            dst = tl.load(slot_map_ptr + offs_n, mask=n_mask, other=0)
+        else:
+            dst = offs_n
         # Every thread holds its chunk's sources before any thread stores over one of them.
         tl.debug_barrier()
-        dst_off = kv_base + offs_n[:, None] * D + offs_d[None, :]
+        dst_off = kv_base + dst[:, None] * D + offs_d[None, :]
         tl.store(k_ptr + dst_off, k_tile, mask=mask)
         tl.store(v_ptr + dst_off, acc.to(v_ptr.dtype.element_ty), mask=mask)
-        tl.store(pos_ptr + pos_base + offs_n, p_tile, mask=offs_n < n_pos)
+        tl.store(pos_ptr + pos_base + dst, p_tile, mask=offs_n < n_pos)
+
+
+def _physical_plan(plan: MergePlan, slot_map: Tensor) -> MergePlan:
+    """The plan with sources and anchors mapped to physical slots (one gather each, on the device)."""
+    return MergePlan(plan.group_offsets, slot_map[plan.sources], plan.weights, slot_map[plan.anchors])
 
 
 def merge_triton(k: Tensor, v: Tensor, positions: Tensor, plan, n_valid: int, *, validate: bool = True,
+                 slot_map: Tensor | None = None,
                  block_n: int | None = None, block_d: int | None = None) -> int:
-    """Triton launcher: one launch applies the plan to every layer and head. Returns n_out."""
+    """Triton launcher: one launch applies the plan to every layer and head. Returns n_out.
+
+    With `slot_map`, k/v/positions are the whole paged pool and slots are logical (module docstring)."""
     L, H, cap, D = _check_kv(k, v, positions, n_valid)
     plan = check_plan(plan, n_valid, k.device, validate)
+    if slot_map is not None:
+        slot_map = check_slot_map(slot_map, cap, n_valid, k.device, validate)
     n_out = plan.n_out
     if n_out == 0 or L * H == 0:
         return n_out
+    if slot_map is not None:
+        plan = _physical_plan(plan, slot_map)
     BLOCK_D = block_d or min(64, triton.next_power_of_2(D))
     BLOCK_N = block_n or 32  # smaller than compaction's: the accumulator is float32
     grid = (L * H, triton.cdiv(D, BLOCK_D))
     launchable(_merge_kernel, k.device)[grid](
         k, v, positions,
         plan.group_offsets, plan.sources, plan.weights, plan.anchors,
+        plan.anchors if slot_map is None else slot_map,  # unused pointer without a map
         n_out, cap, D,
-        BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
+        BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, HAS_SLOT_MAP=slot_map is not None,
     )
     return n_out
 
@@ -224,18 +253,25 @@ def merge_triton(k: Tensor, v: Tensor, positions: Tensor, plan, n_valid: int, *,
 _GATHER_BYTES = 2 << 20  # rows merged per step of the torch path: the float32 temporaries stay cache-sized
 
 
-def merge_reference(k: Tensor, v: Tensor, positions: Tensor, plan, n_valid: int, *, validate: bool = True) -> int:
+def merge_reference(k: Tensor, v: Tensor, positions: Tensor, plan, n_valid: int, *, validate: bool = True,
+                    slot_map: Tensor | None = None) -> int:
     """Same contract as `merge_triton`, in torch: out-of-place gather and segment sum, then copy back.
 
     Also the engine's CPU path: a few (layer, head) rows at a time, as row-major 2-D index_select /
     index_add_ over flattened slots, which stay cache-sized and are several times faster than the same ops
-    along dim 2 of [L, H, cap, D].
+    along dim 2 of [L, H, cap, D]. With a slot map, sources and anchors are read at their physical slots and
+    the outputs written back to `slot_map[:n_out]` with index_copy_ (still out of place).
     """
     L, H, cap, D = _check_kv(k, v, positions, n_valid)
     plan = check_plan(plan, n_valid, k.device, validate)
+    if slot_map is not None:
+        slot_map = check_slot_map(slot_map, cap, n_valid, k.device, validate)
     n_out, total = plan.n_out, plan.sources.numel()
     if n_out == 0 or L * H == 0:
         return n_out
+    phys_dst = None  # physical output slots, with a slot map
+    if slot_map is not None:
+        plan, phys_dst = _physical_plan(plan, slot_map), slot_map[:n_out]
     rows = L * H
     lengths = plan.group_offsets[1:] - plan.group_offsets[:-1]
     group = torch.repeat_interleave(torch.arange(n_out, device=k.device), lengths)
@@ -250,16 +286,26 @@ def merge_reference(k: Tensor, v: Tensor, positions: Tensor, plan, n_valid: int,
         weighted = v_rows[r0:r0 + g].reshape(-1, D).index_select(0, src).float().view(g, total, D) * weights
         v_new = torch.zeros(g * n_out, D, dtype=torch.float32, device=k.device).index_add_(0, dst, weighted.view(-1, D))
         k_new = k_rows[r0:r0 + g].index_select(1, plan.anchors)
-        v_rows[r0:r0 + g, :n_out] = v_new.view(g, n_out, D)
-        k_rows[r0:r0 + g, :n_out] = k_new
-    positions[:, :, :n_out] = positions.index_select(2, plan.anchors)
+        if phys_dst is None:
+            v_rows[r0:r0 + g, :n_out] = v_new.view(g, n_out, D)
+            k_rows[r0:r0 + g, :n_out] = k_new
+        else:
+            v_rows[r0:r0 + g].index_copy_(1, phys_dst, v_new.view(g, n_out, D).to(v.dtype))
+            k_rows[r0:r0 + g].index_copy_(1, phys_dst, k_new)
+    if phys_dst is None:
+        positions[:, :, :n_out] = positions.index_select(2, plan.anchors)
+    else:
+        positions.index_copy_(2, phys_dst, positions.index_select(2, plan.anchors))
     return n_out
 
 
-def merge_(k: Tensor, v: Tensor, positions: Tensor, plan, n_valid: int, *, validate: bool = True) -> int:
+def merge_(k: Tensor, v: Tensor, positions: Tensor, plan, n_valid: int, *, validate: bool = True,
+           slot_map: Tensor | None = None) -> int:
     """Apply a global merge plan in place to every (layer, KV head) row; returns the new valid count (n_out).
 
+    With `slot_map` (int64 [>= n_valid], distinct), k/v/positions are the whole paged pool [L, H, S, D] /
+    [L, H, S] and the plan's slots are the sequence's logical slots: logical j lives at physical `slot_map[j]`.
     Triton on CUDA tensors (or with KVPILOT_FORCE_TRITON=1), the torch reference otherwise.
     """
     impl = merge_triton if use_triton(k) else merge_reference
-    return impl(k, v, positions, plan, n_valid, validate=validate)
+    return impl(k, v, positions, plan, n_valid, validate=validate, slot_map=slot_map)

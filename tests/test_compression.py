@@ -35,9 +35,19 @@ def run_with_trace(engine, req):
 
     engine.step_hooks.insert(0, observe)  # sees the cache before the compressor
     engine.step_hooks.append(observe)  # and after it
+    retire = engine._retire
+
+    def retire_after_reading(seq):  # the cache as the request ends, before its blocks go back to the pool
+        FINAL[seq.id] = (seq.kv.n, seq.kv.dense())
+        retire(seq)
+
+    engine._retire = retire_after_reading
     engine.add_request(req, events.append)
     engine.run_until_done()
     return events, counts, seqs[0]
+
+
+FINAL: dict[str, tuple] = {}  # request id -> (valid slots, DenseKV) when it retired
 
 
 @pytest.mark.parametrize("policy", COMPRESSING)
@@ -59,18 +69,22 @@ def test_bounded_footprint_prefill_included(make_engine, policy):
     assert final.usage.evicted_tokens == sum(e.evicted for e in evictions)
     assert final.usage.compression_events == len(evictions)
     # The whole sequence went through: 161 prompt + 59 fed-back tokens, most of them evicted.
-    assert final.usage.evicted_tokens == 161 + 59 - seq.kv.n
+    assert final.usage.evicted_tokens == 161 + 59 - FINAL[seq.id][0]
 
 
 def test_evicted_slots_are_really_free(make_engine):
     """Invariant 1: the pool's byte accounting follows compaction; the freed slots take new tokens."""
     engine = make_engine(prefill_chunk=64)
     used = []
-    engine.step_hooks.append(lambda e, seq: used.append((seq.kv.n, e.pool.used_bytes, e.pool.reserved_bytes)))
+    engine.step_hooks.append(lambda e, seq: used.append((seq.kv.n, e.pool.used_bytes, e.pool.reserved_bytes,
+                                                         e.pool.used_blocks)))
     engine.generate([request("snapkv")])
-    for n, used_bytes, reserved in used:
+    assert min(n for n, *_ in used) == 48  # it compressed
+    for n, used_bytes, reserved, blocks in used:
         assert used_bytes == n * engine.pool.slot_bytes  # bytes in use = valid slots x bytes per slot
         assert reserved == (48 + 8 + 4) * engine.pool.slot_bytes
+        assert blocks == engine.pool.blocks_for(n)  # physically held: exactly the blocks its valid slots need
+    assert engine.pool.used_blocks == 0 and engine.pool.free_blocks == engine.pool.num_blocks
     assert engine.pool.used_bytes == 0 and engine.pool.reserved_bytes == 0
 
 
@@ -78,8 +92,8 @@ def test_positions_survive_eviction_and_new_tokens_use_true_positions(make_engin
     """Invariant 3: slots keep their logical position; layer-0 keys equal a full run's at those positions."""
     engine = make_engine(prefill_chunk=64)
     events, _, seq = run_with_trace(engine, request("h2o", n=40))
-    kv = seq.kv
-    positions = kv.positions[:, :, :kv.n]
+    n, dense = FINAL[seq.id]
+    positions = dense.positions
     assert bool((positions[..., 1:] > positions[..., :-1]).all())  # strictly increasing in every row
     assert int(positions.max()) == seq.num_computed - 1  # the newest token sits at its absolute position
     assert bool((positions[..., :4] == torch.arange(4)).all())  # sinks kept
@@ -96,18 +110,19 @@ def test_positions_survive_eviction_and_new_tokens_use_true_positions(make_engin
     with torch.no_grad():
         tiny_model.model(tokens, torch.arange(tokens.shape[1])[None], capture)
     full_k = captured["k"]  # [T, H, D]
-    for h in range(kv.k.shape[1]):
-        assert torch.allclose(kv.k[0, h, :kv.n], full_k[positions[0, h], h], atol=1e-5)
+    for h in range(dense.k.shape[1]):
+        assert torch.allclose(dense.k[0, h], full_k[positions[0, h], h], atol=1e-5)
 
 
 def test_per_head_keep_sets_differ_but_counts_are_equal(make_engine):
     """Invariant 4: per-head policies keep different slots per (layer, head), always the same number."""
     engine = make_engine(prefill_chunk=64)
     _, _, seq = run_with_trace(engine, request("h2o"))
-    positions = seq.kv.positions[:, :, :seq.kv.n].reshape(-1, seq.kv.n)
+    n, dense = FINAL[seq.id]
+    positions = dense.positions.reshape(-1, n)
     distinct = {tuple(row.tolist()) for row in positions}
     assert len(distinct) > 1  # not one global set
-    assert positions.shape[1] == seq.kv.n  # dense: one valid count for every row
+    assert positions.shape[1] == n  # dense: one valid count for every row
 
 
 def test_stale_and_superseded_decisions(make_engine):
@@ -132,10 +147,10 @@ def test_stale_and_superseded_decisions(make_engine):
     decision = InProcessPolicy().decide(frame, "h2o")
     engine.step()
     engine.step()
-    newest = seq.kv.positions[0, 0, seq.kv.n - 2:seq.kv.n].tolist()
+    newest = seq.kv.dense().positions[0, 0, seq.kv.n - 2:seq.kv.n].tolist()
     assert comp.apply(engine, seq, frame, decision)
     assert seq.kv.n == 40 + 2  # the plan's 40 plus the 2 slots appended after the snapshot
-    assert seq.kv.positions[0, 0, seq.kv.n - 2:seq.kv.n].tolist() == newest
+    assert seq.kv.dense().positions[0, 0, seq.kv.n - 2:seq.kv.n].tolist() == newest
     # The next frame is superseded once another plan lands first.
     old, _ = comp.snapshot(engine, seq)
     newer, _ = comp.snapshot(engine, seq)
@@ -171,7 +186,7 @@ def test_stochastic_policy_is_reproducible_by_seed(make_engine):
     def keeps(seed):
         engine = make_engine(prefill_chunk=64)
         kept = []
-        engine.step_hooks.append(lambda e, s: kept.append(s.kv.positions[:, :, :s.kv.n].clone()))
+        engine.step_hooks.append(lambda e, s: kept.append(s.kv.dense().positions.clone()))
         [result] = engine.generate([request("vase", seed=seed, window_queries=16)])
         return result, kept
 
@@ -264,10 +279,10 @@ def test_merge_plan_applies_after_the_sequence_decoded_past_its_snapshot(make_en
     if (n0 - 20) % 2:
         groups.append([n0 - 1])
     plan = MergePlanSpec(groups=groups, weights=[[1.0 / len(g)] * len(g) for g in groups], anchors=[g[-1] for g in groups])
-    late_positions = seq.kv.positions[0, 0, n0:n0 + 3].clone()
+    late_positions = seq.kv.dense().positions[0, 0, n0:n0 + 3].clone()
     assert engine.compressor.apply(engine, seq, frame, Decision(frame_id=1, plan=plan, policy="test"))
     assert seq.kv.n == len(groups) + 3
-    assert torch.equal(seq.kv.positions[0, 0, len(groups):seq.kv.n], late_positions)  # kept, as singletons
+    assert torch.equal(seq.kv.dense().positions[0, 0, len(groups):seq.kv.n], late_positions)  # kept, as singletons
     assert seq.usage.merged_tokens == sum(len(g) - 1 for g in groups) and seq.usage.fallbacks == 0
 
 
@@ -277,19 +292,19 @@ def test_span_drop_on_a_per_head_compressed_cache_keeps_equal_counts_and_the_bud
     engine = make_engine()
     seq = running_sequence(engine)
     n = seq.kv.n
-    L, H = seq.kv.k.shape[:2]
+    L, H = seq.kv.pool.num_layers, seq.kv.pool.num_kv_heads
     # First a per-head compaction: each (layer, head) keeps a different 50 of the n slots.
     gen = torch.Generator().manual_seed(0)
     keep = torch.stack([torch.sort(torch.cat([torch.arange(2), 2 + torch.randperm(n - 2, generator=gen)[:48]])).values
                         for _ in range(L * H)]).view(L, H, 50)
     assert engine.compressor.apply(engine, seq, frame_of(engine, seq, keep=50), Decision(1, KeepSet(keep), "test"))
     # Then drop the span of positions [10, 30): heads lose different numbers of slots.
-    positions = seq.kv.positions[:, :, :seq.kv.n].clone()
+    positions = seq.kv.dense().positions.clone()
     lost = ((positions >= 10) & (positions < 30)).sum(-1)
     assert lost.min() != lost.max()
     frame = frame_of(engine, seq, keep=30)
     assert engine.compressor.apply(engine, seq, frame, Decision(2, SpanDrop([(10, 30)]), "test"))
-    after = seq.kv.positions[:, :, :seq.kv.n]
+    after = seq.kv.dense().positions
     assert seq.kv.n <= 30 and seq.kv.n == min(30, int((50 - lost).min()))  # equal counts, within budget
     assert not bool(((after >= 10) & (after < 30)).any())  # the span is gone from every head
     assert bool((after[:, :, :2] == torch.arange(2)).all())  # the sinks stay

@@ -96,7 +96,7 @@ def test_sampling_fault_fails_only_its_sequence(make_engine):
     for _ in range(3):
         engine.step()
     victim = next(s for s in engine.running if s.id == "s1")
-    victim.kv.v[:, :, : victim.kv.n] = float("nan")
+    victim.kv.pool.v[:, :, victim.kv.slot_map[:victim.kv.n]] = float("nan")
     engine.run_until_done()
     bad = final(events["s1"])
     assert bad.finish_reason is FinishReason.ERROR and bad.error.code == "INTERNAL"
@@ -119,10 +119,13 @@ def test_step_fault_is_isolated_sequence_by_sequence(make_engine, where):
         engine.add_request(greedy(r), events[r].append)
     engine.step()
     victim = next(s for s in engine.running if s.id == "b")
+    def broken(*args, **kwargs):
+        raise RuntimeError(f"injected fault in {where}")
+
     if where == "forward":
-        victim.kv.k = victim.kv.k[:, :1]  # its K/V write no longer fits the model's heads
+        victim.kv.prepare_append = broken  # its K/V cannot be placed: the batched forward raises
     else:
-        victim.kv.positions = None  # its commit can no longer record positions
+        victim.kv.advance = broken  # its tokens can no longer be made valid after the forward
     engine.run_until_done()
     assert final(events["b"]).finish_reason is FinishReason.ERROR
     assert final(events["b"]).error.code == "INTERNAL"
@@ -195,14 +198,15 @@ def test_vase_rank_is_honoured(make_engine):
     for rank in (1, 7):
         scorer = InProcessPolicy().scorer("vase", {"variant": "dkv", "rank": str(rank)})
         kv = engine.pool.allocate(f"r{rank}", 8)
-        kv.k[:, :, :8] = torch.randn_like(kv.k[:, :, :8])
-        kv.v[:, :, :8] = torch.randn_like(kv.v[:, :, :8])
-        kv.n = 8
+        pool = engine.pool
+        shape = (pool.num_layers, pool.num_kv_heads, 8, pool.head_dim)
+        keys = torch.randn(shape)
+        kv.load(keys, torch.randn(shape), torch.arange(8).expand(*shape[:2], 8))
         frames[rank] = build_frame(1, "s", kv, None, scorer.spec(), list(range(8)), [], keep=6, sinks=1, window=1,
                                    num_heads=4, step=0, seed=11)
         gen = torch.Generator().manual_seed(11)
-        g = torch.randn(kv.k.shape[-1], rank, generator=gen) / rank ** 0.5
-        expected = (kv.k[:, :, :8].float() @ g).pow(2).sum(-1)
+        g = torch.randn(pool.head_dim, rank, generator=gen) / rank ** 0.5
+        expected = (keys @ g).pow(2).sum(-1)
         assert torch.allclose(frames[rank].stats["kv_projection"][..., 0], expected)
         engine.pool.free(f"r{rank}")
 
@@ -210,19 +214,20 @@ def test_vase_rank_is_honoured(make_engine):
 # ---- 4. head-of-line blocking ------------------------------------------------------------------------------
 
 def test_parked_session_grows_without_blocking_the_queue(make_engine):
-    """The continuation fits the pool only if its parked region is given back before the grown one is
-    taken (the free space lies before it); an unrelated small request behind it is served too."""
+    """A continuation grows its parked reservation in place: the same blocks, nothing copied, even when the
+    pool has room only for the growth; an unrelated small request behind it is served too."""
     engine = make_engine()
-    left = engine.pool.allocate("left", 40)
     collect(engine, [greedy("t1", prompt=list(range(3, 60)), n=4, create=True, session_id="grow")])
     parked = engine.resident["grow"][0]
-    assert (parked.offset, parked.capacity) == (40, 61)
-    rest = engine.pool.allocate("rest", engine.pool.capacity_slots - parked.offset - parked.capacity)
-    engine.pool.free(left.owner)  # 40 free slots, all before the parked region
+    assert parked.capacity == parked.n == 61 and len(parked.blocks) == engine.pool.blocks_for(61)
+    blocks = list(parked.blocks)
+    growth = engine.pool.blocks_for(61 + 10 + 20) - len(blocks)
+    rest = engine.pool.allocate("rest", engine.pool.available_slots - (growth + 1) * engine.pool.block_size)
     events = collect(engine, [greedy("t2", prompt=[9] * 10, n=20, session_id="grow"), greedy("small", prompt=[5], n=4)])
     assert final(events["t2"]).usage.cached_tokens == 61  # continued from its KV, no re-prefill
     assert final(events["t2"]).usage.generated_tokens == 20
     assert final(events["small"]).usage.generated_tokens == 4
+    assert engine.resident["grow"][0].blocks[:len(blocks)] == blocks  # the parked blocks were never copied
     engine.pool.free(rest.owner)
     engine.pool.check_consistency()
 
@@ -413,7 +418,7 @@ def test_bad_stream_gets_its_status_and_innocents_finish(server):
 
     def poison():
         seq = next(s for s in engine.engine.running if s.id == "victim")
-        seq.kv.v[:, :, : seq.kv.n] = float("nan")
+        seq.kv.pool.v[:, :, seq.kv.slot_map[:seq.kv.n]] = float("nan")
 
     results = {}
     requests = {rid: build_request(token_ids=PROMPT, max_new_tokens=60, temperature=0.7, request_id=rid)

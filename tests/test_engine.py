@@ -147,12 +147,12 @@ def test_bad_requests_are_refused_with_a_reason(make_engine, bad, message):
 
 
 def test_admission_control(make_engine):
-    engine = make_engine(kv_pool_bytes=100 * 1024, max_waiting=2)  # 100 KiB / 512 bytes per slot = 200 slots
-    assert engine.pool.capacity_slots == 200
-    with pytest.raises(ResourceExhausted, match="whole KV pool holds 200"):
+    engine = make_engine(kv_pool_bytes=96 * 1024, max_waiting=2)  # 96 KiB / 512 bytes per slot = 12 blocks of 16
+    assert engine.pool.capacity_slots == 192 and engine.pool.num_blocks == 12
+    with pytest.raises(ResourceExhausted, match="whole KV pool holds 192"):
         engine.add_request(greedy("huge", [5] * 150, n=100), lambda ev: None)
     done = []
-    for i in range(2):  # each reserves 1 + 90 + 30 = 121 slots: the second must wait for the first
+    for i in range(2):  # each reserves 1 + 90 + 30 = 121 slots (8 blocks): the second must wait
         engine.add_request(greedy(f"q{i}", [5 + i] * 90, n=30), lambda ev: isinstance(ev, FinishEvent) and done.append(ev))
     engine.step()
     assert len(engine.running) == 1 and len(engine.waiting) == 1

@@ -56,10 +56,17 @@ def test_tokens_after_a_beacon_equal_a_run_where_it_was_in_the_prompt(make_engin
 
 def test_positions_are_not_history_indices_after_a_beacon(make_engine):
     engine = make_engine()
-    _, seq = run_with_beacon(engine, after=3, n=6)
-    positions = seq.kv.positions[0, 0, : seq.kv.n]
-    assert torch.equal(positions, torch.arange(seq.kv.n))  # dense logical positions, beacon included
-    assert seq.kv.n == len(seq.token_ids)  # history minus its last (unfed) token, plus one beacon
+    seen = {}
+    retire = engine._retire
+
+    def capture_then_retire(seq):  # the cache as it stands when the request ends, before its blocks are freed
+        seen.update(positions=seq.kv.dense().positions[0, 0], n=seq.kv.n, history=len(seq.token_ids))
+        retire(seq)
+
+    engine._retire = capture_then_retire
+    run_with_beacon(engine, after=3, n=6)
+    assert torch.equal(seen["positions"], torch.arange(seen["n"]))  # dense logical positions, beacon included
+    assert seen["n"] == seen["history"]  # history minus its last (unfed) token, plus one beacon
 
 
 def test_input_only_tokens_are_validated(make_engine):

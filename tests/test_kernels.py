@@ -347,6 +347,187 @@ def test_merge_property(L, H, cap, D, dtype, block_n, max_group, data):
 
 
 # --------------------------------------------------------------------------------------------------------------
+# paged pool: compaction and merge through a slot map
+# --------------------------------------------------------------------------------------------------------------
+
+def shuffled_slot_map(rng, num_blocks, block_size, n_slots):
+    """A sequence's slot map over a pool of num_blocks blocks: its blocks are a random subset of the pool's,
+    in random order (as a pool hands them out after churn); covers whole blocks, so it may be longer than
+    n_slots (the last block partly used)."""
+    n_blocks = -(-n_slots // block_size)
+    table = torch.tensor(rng.sample(range(num_blocks), n_blocks), dtype=torch.int32)
+    return kernels.slot_map_from_block_table(table, n_blocks * block_size, block_size).to(DEVICE)
+
+
+def check_paged(fn_single, fn_paged, k0, v0, p0, slot_map, n_valid, arg, n_mapped=None, **kw):
+    """Run fn_paged on a copy of the pool through slot_map; the oracle is fn_single (the tested non-paged
+    reference) on the sequence's logical cache, gathered through slot_map[:n_mapped] (default: all of it).
+    Also: every physical slot not in that part of the map is untouched. Returns the paged result (k, v, p, n).
+
+    k and positions must match exactly; v too, except after a merge in 16-bit (float32 sums, rounded once:
+    Triton and torch may round the last bit differently, as in test_merge_matches_reference)."""
+    k, v, p = k0.clone(), v0.clone(), p0.clone()
+    n = fn_paged(k, v, p, arg, n_valid, slot_map=slot_map, **kw)
+    mapped = slot_map[:n_mapped]
+    kl, vl, pl = (t[:, :, mapped].contiguous() for t in (k0, v0, p0))
+    assert fn_single(kl, vl, pl, arg, n_valid) == n
+    assert_slots_equal(k[:, :, mapped], kl, "k (logical slots)")
+    assert_slots_equal(p[:, :, mapped], pl, "positions (logical slots)")
+    if fn_single is merge.merge_reference and v0.dtype != torch.float32:
+        torch.testing.assert_close(v[:, :, mapped], vl, rtol=1.6e-2, atol=1e-2)
+    else:
+        assert_slots_equal(v[:, :, mapped], vl, "v (logical slots)")
+    outside = torch.ones(k0.shape[2], dtype=torch.bool, device=k0.device)
+    outside[mapped] = False
+    for name, got, old in (("k", k, k0), ("v", v, v0), ("positions", p, p0)):
+        assert_slots_equal(got[:, :, outside], old[:, :, outside], f"{name} outside the slot map")
+    return k, v, p, n
+
+
+@pytest.mark.parametrize("block_size", [4, 16])
+@pytest.mark.parametrize("per_head", [False, True])
+@pytest.mark.parametrize("n_keep", ["zero", "one", "all", "some"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compact_through_slot_map(block_size, per_head, n_keep, dtype):
+    L, H, D, num_blocks, n_valid = 2, 3, 16, 24, 37  # n_valid ends mid-block for both block sizes
+    rng = random.Random(block_size * 100 + per_head * 10 + len(n_keep))
+    slot_map = shuffled_slot_map(rng, num_blocks, block_size, n_valid)
+    n = {"zero": 0, "one": 1, "all": n_valid, "some": 19}[n_keep]
+    keep = make_keep(rng, L, H, n_valid, n, per_head)
+    k0, v0, p0 = make_kv(L, H, num_blocks * block_size, D, dtype, seed=2)
+    # block_n=8: several chunks per row (the cross-chunk half of the hazard argument, through the map).
+    kt, vt, pt, nt = check_paged(compaction.compact_reference, compaction.compact_triton, k0, v0, p0, slot_map,
+                                 n_valid, keep, block_n=8)
+    kr, vr, pr, nr = check_paged(compaction.compact_reference, compaction.compact_reference, k0, v0, p0, slot_map,
+                                 n_valid, keep)
+    assert nt == nr == n
+    assert torch.equal(kt, kr) and torch.equal(vt, vr) and torch.equal(pt, pr)
+
+
+@pytest.mark.parametrize("block_size", [4, 16])
+@pytest.mark.parametrize("pattern", ["shift1", "cross_chunk", "every_other", "tail_half"])
+def test_compact_slot_map_hazards(block_size, pattern):
+    """The in-place hazard patterns of test_compact_in_place_hazards, in logical slots spread over shuffled
+    blocks: sources sit in the chunk being written or in the next one."""
+    L, H, D, num_blocks, n_valid, block_n = 1, 2, 16, 20, 48, 4
+    keep = {
+        "shift1": list(range(1, n_valid)),
+        "cross_chunk": [j + block_n for j in range(n_valid - block_n)],
+        "every_other": list(range(1, n_valid, 2)),
+        "tail_half": list(range(n_valid // 2, n_valid)),
+    }[pattern]
+    keep = torch.tensor(keep, dtype=torch.int64)
+    slot_map = shuffled_slot_map(random.Random(block_size), num_blocks, block_size, n_valid)
+    k0, v0, p0 = make_kv(L, H, num_blocks * block_size, D, torch.float32)
+    for n_blk in (block_n, 1, 64):
+        check_paged(compaction.compact_reference, compaction.compact_triton, k0, v0, p0, slot_map, n_valid, keep,
+                    block_n=n_blk)
+
+
+@pytest.mark.parametrize("block_size", [4, 16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("max_group", [1, 5])
+def test_merge_through_slot_map(block_size, dtype, max_group):
+    L, H, D, num_blocks, n_valid = 2, 2, 24, 16, 41
+    rng = random.Random(block_size * 10 + max_group)
+    slot_map = shuffled_slot_map(rng, num_blocks, block_size, n_valid)
+    plan, groups, weights, anchors = random_plan(rng, n_valid, max_group=max_group)
+    k0, v0, p0 = make_kv(L, H, num_blocks * block_size, D, dtype, seed=3)
+    kt, vt, pt, nt = check_paged(merge.merge_reference, merge.merge_triton, k0, v0, p0, slot_map, n_valid, plan,
+                                 block_n=4)
+    kr, vr, pr, nr = check_paged(merge.merge_reference, merge.merge_reference, k0, v0, p0, slot_map, n_valid, plan)
+    assert nt == nr == len(groups)
+    assert torch.equal(kt, kr) and torch.equal(pt, pr)
+    torch.testing.assert_close(vt, vr, rtol=1e-5 if dtype == torch.float32 else 1.6e-2,
+                               atol=1e-5 if dtype == torch.float32 else 1e-2)
+    # And against the slot-by-slot oracle on the logical cache.
+    if nt:
+        k_want, v_want, p_want = merge_oracle(*(t[:, :, slot_map] for t in (k0, v0, p0)), groups, weights, anchors)
+        assert_slots_equal(kt[:, :, slot_map[:nt]], k_want, "k")
+        assert_slots_equal(pt[:, :, slot_map[:nt]], p_want, "positions")
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        assert ((vt[:, :, slot_map[:nt]].double() - v_want).abs() / (1 + v_want.abs())).max() <= tol
+
+
+def test_slot_map_two_sequences_share_a_pool():
+    """Two sequences in one pool, compacted and merged one after the other through their own slot maps, each
+    equal to the same operation on a private cache; the other sequence's slots are never touched."""
+    L, H, D, block_size, num_blocks = 2, 2, 16, 4, 12
+    rng = random.Random(9)
+    blocks = rng.sample(range(num_blocks), 10)
+    tables = [torch.tensor(blocks[:5]), torch.tensor(blocks[5:])]
+    maps = [kernels.slot_map_from_block_table(t, 20, block_size).to(DEVICE) for t in tables]
+    k, v, p = make_kv(L, H, num_blocks * block_size, D, torch.float32)
+    private = [tuple(t[:, :, m].contiguous() for t in (k, v, p)) for m in maps]
+    keep = make_keep(rng, L, H, 18, 7, per_head=True)
+    plan = MergePlan.from_groups([[0, 1], [3], [4, 6, 5]])
+    assert kernels.compact_(k, v, p, keep, 18, slot_map=maps[0]) == 7
+    assert kernels.merge_(k, v, p, plan, 19, slot_map=maps[1]) == 3
+    kernels.compact_(*private[0], keep, 18)
+    kernels.merge_(*private[1], plan, 19)
+    for m, (kp, vp, pp) in zip(maps, private):
+        assert torch.equal(k[:, :, m], kp) and torch.equal(v[:, :, m], vp) and torch.equal(p[:, :, m], pp)
+
+
+@pytest.mark.parametrize("impl", [compaction.compact_triton, compaction.compact_reference])
+def test_slot_map_entries_past_n_valid_are_not_read(impl):
+    """A slot map may be longer than n_valid (whole blocks, a padded table): entries past n_valid are neither
+    validated nor read, so padding may hold anything."""
+    L, H, D, S, n_valid = 1, 2, 8, 32, 6
+    slot_map = torch.tensor([9, 3, 30, 12, 0, 17, -1, 999, 3], device=DEVICE)
+    k0, v0, p0 = make_kv(L, H, S, D, torch.float32)
+    keep = torch.tensor([1, 2, 5])
+    check_paged(compaction.compact_reference, impl, k0, v0, p0, slot_map, n_valid, keep, n_mapped=n_valid)
+
+
+@pytest.mark.parametrize("impl", [compaction.compact_triton, compaction.compact_reference,
+                                  merge.merge_triton, merge.merge_reference])
+def test_bad_slot_maps_raise(impl):
+    L, H, D, S, n_valid = 1, 2, 8, 16, 6
+    k, v, p = make_kv(L, H, S, D, torch.float32)
+    k0, p0 = k.clone(), p.clone()
+    arg = MergePlan.keep([0, 2, 5]) if impl in (merge.merge_triton, merge.merge_reference) else torch.tensor([0, 2, 5])
+    bad = {
+        "float": (torch.tensor([0.0, 1, 2, 3, 4, 5]), "integer"),
+        "bool": (torch.ones(6, dtype=torch.bool), "integer"),
+        "2-D": (torch.arange(6).reshape(2, 3), "1-D"),
+        "too short": (torch.arange(5), "fewer than n_valid"),
+        "beyond S": (torch.tensor([0, 1, 2, 3, 4, S]), "lie in"),
+        "negative": (torch.tensor([0, 1, -2, 3, 4, 5]), "lie in"),
+        "duplicate": (torch.tensor([0, 1, 2, 3, 4, 1]), "distinct"),
+    }
+    for name, (slot_map, match) in bad.items():
+        with pytest.raises(ValueError, match=match):
+            impl(k, v, p, arg, n_valid, slot_map=slot_map.to(DEVICE))
+        assert torch.equal(k, k0) and torch.equal(p, p0), f"{name}: a rejected slot map must leave the pool untouched"
+    # Python lists are accepted, as keep sets are.
+    assert impl(k, v, p, arg, n_valid, slot_map=[7, 6, 5, 4, 3, 2]) == 3
+
+
+@HYP
+@given(L=st.integers(1, 2), H=st.integers(1, 3), D=st.sampled_from([8, 16, 24]),
+       block_size=st.sampled_from([1, 4, 16]), extra_blocks=st.integers(0, 4),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]), op=st.sampled_from(["compact", "compact_per_head", "merge"]),
+       block_n=st.sampled_from([None, 1, 8]), data=st.data())
+def test_slot_map_property(L, H, D, block_size, extra_blocks, dtype, op, block_n, data):
+    n_valid = data.draw(st.integers(0, 50), label="n_valid")
+    rng = random.Random(data.draw(st.integers(0, 2**16), label="seed"))
+    num_blocks = -(-n_valid // block_size) + extra_blocks
+    if num_blocks == 0:
+        return
+    slot_map = shuffled_slot_map(rng, num_blocks, block_size, n_valid)
+    k0, v0, p0 = make_kv(L, H, num_blocks * block_size, D, dtype, seed=rng.randrange(100))
+    if op == "merge":
+        plan = random_plan(rng, n_valid, max_group=rng.randint(1, 6), p_drop=rng.random() * 0.6)[0]
+        kt, vt, pt, _ = check_paged(merge.merge_reference, merge.merge_triton, k0, v0, p0, slot_map, n_valid, plan,
+                                    block_n=block_n)
+    else:
+        keep = make_keep(rng, L, H, n_valid, rng.randint(0, n_valid), per_head=op == "compact_per_head")
+        check_paged(compaction.compact_reference, compaction.compact_triton, k0, v0, p0, slot_map, n_valid, keep,
+                    block_n=block_n)
+
+
+# --------------------------------------------------------------------------------------------------------------
 # redundancy
 # --------------------------------------------------------------------------------------------------------------
 

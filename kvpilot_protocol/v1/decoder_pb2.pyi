@@ -301,7 +301,7 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServerInfo(_message.Message):
-    __slots__ = ("pool_capacity_slots", "pool_reserved_slots", "pool_used_slots", "pool_free_slots", "pool_largest_free_region", "pool_capacity_bytes", "pool_reserved_bytes", "pool_used_bytes", "pool_free_bytes", "kv_bytes_per_slot", "stats_capacity_bytes", "stats_reserved_bytes", "running", "waiting", "parked_sessions", "parked_slots", "busy_sessions", "steps", "failures", "step_failures", "engine_alive", "policy_circuit_state", "policy_circuit_opened")
+    __slots__ = ("pool_capacity_slots", "pool_reserved_slots", "pool_used_slots", "pool_free_slots", "pool_largest_free_region", "pool_capacity_bytes", "pool_reserved_bytes", "pool_used_bytes", "pool_free_bytes", "kv_bytes_per_slot", "stats_capacity_bytes", "stats_reserved_bytes", "running", "waiting", "parked_sessions", "parked_slots", "busy_sessions", "steps", "failures", "step_failures", "engine_alive", "policy_circuit_state", "policy_circuit_opened", "pool_block_size", "pool_blocks", "pool_free_blocks", "pool_promised_blocks")
     class FailuresEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -332,6 +332,10 @@ class ServerInfo(_message.Message):
     ENGINE_ALIVE_FIELD_NUMBER: _ClassVar[int]
     POLICY_CIRCUIT_STATE_FIELD_NUMBER: _ClassVar[int]
     POLICY_CIRCUIT_OPENED_FIELD_NUMBER: _ClassVar[int]
+    POOL_BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    POOL_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    POOL_FREE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    POOL_PROMISED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     pool_capacity_slots: int
     pool_reserved_slots: int
     pool_used_slots: int
@@ -355,4 +359,8 @@ class ServerInfo(_message.Message):
     engine_alive: bool
     policy_circuit_state: str
     policy_circuit_opened: int
-    def __init__(self, pool_capacity_slots: _Optional[int] = ..., pool_reserved_slots: _Optional[int] = ..., pool_used_slots: _Optional[int] = ..., pool_free_slots: _Optional[int] = ..., pool_largest_free_region: _Optional[int] = ..., pool_capacity_bytes: _Optional[int] = ..., pool_reserved_bytes: _Optional[int] = ..., pool_used_bytes: _Optional[int] = ..., pool_free_bytes: _Optional[int] = ..., kv_bytes_per_slot: _Optional[int] = ..., stats_capacity_bytes: _Optional[int] = ..., stats_reserved_bytes: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., parked_sessions: _Optional[int] = ..., parked_slots: _Optional[int] = ..., busy_sessions: _Optional[int] = ..., steps: _Optional[int] = ..., failures: _Optional[_Mapping[str, int]] = ..., step_failures: _Optional[int] = ..., engine_alive: _Optional[bool] = ..., policy_circuit_state: _Optional[str] = ..., policy_circuit_opened: _Optional[int] = ...) -> None: ...
+    pool_block_size: int
+    pool_blocks: int
+    pool_free_blocks: int
+    pool_promised_blocks: int
+    def __init__(self, pool_capacity_slots: _Optional[int] = ..., pool_reserved_slots: _Optional[int] = ..., pool_used_slots: _Optional[int] = ..., pool_free_slots: _Optional[int] = ..., pool_largest_free_region: _Optional[int] = ..., pool_capacity_bytes: _Optional[int] = ..., pool_reserved_bytes: _Optional[int] = ..., pool_used_bytes: _Optional[int] = ..., pool_free_bytes: _Optional[int] = ..., kv_bytes_per_slot: _Optional[int] = ..., stats_capacity_bytes: _Optional[int] = ..., stats_reserved_bytes: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., parked_sessions: _Optional[int] = ..., parked_slots: _Optional[int] = ..., busy_sessions: _Optional[int] = ..., steps: _Optional[int] = ..., failures: _Optional[_Mapping[str, int]] = ..., step_failures: _Optional[int] = ..., engine_alive: _Optional[bool] = ..., policy_circuit_state: _Optional[str] = ..., policy_circuit_opened: _Optional[int] = ..., pool_block_size: _Optional[int] = ..., pool_blocks: _Optional[int] = ..., pool_free_blocks: _Optional[int] = ..., pool_promised_blocks: _Optional[int] = ...) -> None: ...
