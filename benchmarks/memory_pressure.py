@@ -41,7 +41,10 @@ def run(loaded, prompts, new_tokens: int, pool_slots: int, policy: str, args) ->
     slot_bytes = 2 * c.num_layers * c.num_kv_heads * c.head_dim * torch.empty((), dtype=dtype).element_size()
     engine = Engine(loaded, EngineConfig(max_running=len(prompts), max_waiting=len(prompts),
                                          max_batch_tokens=max(512, len(prompts) + args.prompt_len),
-                                         prefill_chunk=512, kv_pool_bytes=pool_slots * slot_bytes),
+                                         prefill_chunk=512, kv_pool_bytes=pool_slots * slot_bytes,
+                                         # Statistics live outside the KV pool with their own budget (default: a
+                                         # quarter of the pool, tiny here): give them room, this measures KV.
+                                         stats_memory_bytes=256 << 20),
                     policy=InProcessPolicy())
     compression = CompressionConfig() if policy == "full" else CompressionConfig(
         policy=policy, budget=args.budget, interval=args.interval, window=args.window, sinks=4)

@@ -619,19 +619,20 @@ class Engine:
         """One model call over the batch's tokens (their K/V written past each sequence's `n`, not yet
         committed). Returns the logits of the rows to sample, in batch order: one per sequence whose known
         tokens are all fed after this step."""
-        ids, positions, segments, sample_rows = [], [], [], []
-        cursor = 0
+        ids, positions, sample_rows = [], [], []
         for seq, n in batch:
             start = seq.next_position
             ids.extend(seq.feed(n)[0])
             positions.extend(range(start, start + n))
-            segments.append(Segment(kv=seq.kv, stats=seq.stats, start=cursor, length=n,
-                                    positions=torch.arange(start, start + n, device=self.device)))
-            cursor += n
             if n == seq.pending:
-                sample_rows.append(cursor - 1)
+                sample_rows.append(len(ids) - 1)
         input_ids = torch.tensor([ids], device=self.device)
         pos = torch.tensor([positions], device=self.device)
+        segments, cursor = [], 0
+        for seq, n in batch:
+            segments.append(Segment(kv=seq.kv, stats=seq.stats, start=cursor, length=n,
+                                    positions=pos[0, cursor:cursor + n]))
+            cursor += n
         rows = torch.tensor(sample_rows, device=self.device, dtype=torch.long)
         return self.model(input_ids, pos, PoolAttention(segments, self.pool), logits_at=rows)
 

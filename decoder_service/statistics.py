@@ -84,10 +84,18 @@ class SequenceStatistics:
             acc.mul_(self.spec.decay ** t)
             acc[:, :s] += torch.einsum("hts,t->hs", attention, weights)
         if self.queries is not None:
+            last_layer = layer == self.queries.shape[0] - 1  # every layer saw the same tokens: advance once
+            if t == 1:  # a decode token: one slot of the ring (the common case, kept to a single copy)
+                slot = self.queries_seen % self.ring_size
+                self.queries[layer, :, slot] = q[0]
+                if last_layer:
+                    self.query_positions[slot] = positions[0]
+                    self.queries_seen += 1
+                return
             keep = min(t, self.ring_size)
             slots = (self.queries_seen + t - keep + torch.arange(keep, device=q.device)) % self.ring_size
             self.queries[layer][:, slots] = q[-keep:].transpose(0, 1).to(self.queries.dtype)
-            if layer == self.queries.shape[0] - 1:  # every layer saw the same tokens: advance once
+            if last_layer:
                 self.query_positions[slots] = positions[-keep:].to(self.query_positions.device)
                 self.queries_seen += t
 

@@ -7,6 +7,7 @@ All text is space-separated words of the vocabulary in `kvpilot.tasks.vocab`.
 """
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass
 
@@ -106,4 +107,21 @@ def tool_output_id(text: str) -> int | None:
 def episode_rng(task: str, seed: int, knobs: object, *salt: object) -> random.Random:
     """A private RNG per (task, seed, knobs[, salt]): string seeds hash with SHA-512, stable across runs and
     independent of PYTHONHASHSEED, so every episode (and every tool reply) is reproducible."""
-    return random.Random("/".join(str(part) for part in (task, seed, knobs, *salt)))
+    return random.Random("/".join(rng_key(part) for part in (task, seed, knobs, *salt)))
+
+
+def rng_key(part: object) -> str:
+    """The text a part contributes to an RNG seed: str(part), except for a parameter dataclass, whose fields
+    added after v1 are declared `repr=False` and appear (after a `+`) only when they differ from their
+    default. So a v1 preset keeps its v1 seed text, hence its v1 episodes, whatever fields are added later."""
+    if not dataclasses.is_dataclass(part) or isinstance(part, type):
+        return str(part)
+    extra = [f"{f.name}={getattr(part, f.name)!r}" for f in dataclasses.fields(part)
+             if not f.repr and getattr(part, f.name) != f.default]
+    return repr(part) + ("+" + ",".join(extra) if extra else "")
+
+
+def drawn_count(rng: random.Random, count: int, spread: int) -> int:
+    """`count`, or with a spread a count drawn uniformly from [count - spread, count + spread]. No draw when the
+    spread is 0, so the episodes of presets without a spread are unchanged."""
+    return rng.randint(count - spread, count + spread) if spread else count

@@ -13,15 +13,20 @@ and writes the new binding:
 The operator word comes right after the target, so every word of a statement follows a context of at most two
 words that identifies it (`x3` -> its operator, `x3 diff` -> first operand, `diff x2` -> second operand).
 With `x3 = x2 - x1` the operator sits three words after the only unique context and a small model guesses it.
+
+The `long` difficulty (v2) is the same task with 68-92 statements (~1,350-1,800 tokens): past x32 the
+variables continue with the entity words k00, k01, ... (`NAMES`; the vocabulary has no x33), so no new token
+is needed. Every name is still bound once, and operands are still drawn from all earlier variables.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from kvpilot.tasks.base import Episode, episode_rng
-from kvpilot.tasks.vocab import VARIABLES
+from kvpilot.tasks.base import Episode, drawn_count, episode_rng
+from kvpilot.tasks.vocab import ENTITIES, VARIABLES
 
 TASK = "variables"
+NAMES = VARIABLES + ENTITIES  # x1..x32, then k00..k99 (long programs only: v1 presets stay within x1..x32)
 OPS = {"sum": lambda a, b: (a + b) % 10, "diff": lambda a, b: (a - b) % 10, "prod": lambda a, b: (a * b) % 10}
 
 
@@ -30,19 +35,22 @@ class VariablesParams:
     statements: int
     constants: int = 2
     ops: tuple[str, ...] = ("sum", "diff")
+    # Added for v2; repr=False keeps the RNG seeds of the v1 presets (see base.rng_key).
+    spread: int = field(default=0, repr=False)  # statements drawn from [statements - spread, statements + spread]
 
 
 DIFFICULTIES = {
     "easy": VariablesParams(statements=6),
     "default": VariablesParams(statements=12),
     "hard": VariablesParams(statements=24, constants=3),
+    "long": VariablesParams(statements=80, constants=4, spread=12),
 }
 
 
 def generate(seed: int, difficulty: str = "default", **knobs) -> Episode:
     params = resolve(difficulty, knobs)
     rng = episode_rng(TASK, seed, params)
-    names = VARIABLES[: params.statements]
+    names = NAMES[: drawn_count(rng, params.statements, params.spread)]
     value: dict[str, int] = {}
     statements, trace = [], []
     for k, name in enumerate(names):
@@ -70,7 +78,9 @@ def generate(seed: int, difficulty: str = "default", **knobs) -> Episode:
 def resolve(difficulty: str, knobs: dict) -> VariablesParams:
     base = DIFFICULTIES[difficulty]
     params = VariablesParams(**{**base.__dict__, **knobs})
-    if not (1 <= params.constants and params.constants + 1 <= params.statements <= len(VARIABLES)):
+    if not (0 <= params.spread and 1 <= params.constants
+            and params.constants + 1 <= params.statements - params.spread
+            and params.statements + params.spread <= len(NAMES)):
         raise ValueError(f"bad variables parameters {params}")
     if params.constants < 2 and params.statements > params.constants:
         raise ValueError("variables needs at least two constants to draw two distinct operands")

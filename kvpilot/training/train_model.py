@@ -18,6 +18,12 @@ Work is split over `--procs` data-parallel processes (gloo all-reduce of the gra
 Reproducibility: the batch of step s is a pure function of (--seed, s) and the model starts from
 `init_random(--seed)`, so the same arguments retrace the same run up to float summation order (wall-clock
 time differs by machine); `--resume` continues from the last checkpoint in --out without changing the data.
+
+Presets: `--preset v1` (the default) is the recipe above, the committed model's. `--preset v2` is the next
+bundled reasoner: 8 query heads over 2 K/V heads (grouped-query attention), width 256, 6 layers, MLP 768
+(4.7 M parameters), 4,096 positions, 8,192 tokens per step and the v2 curriculum, which adds the `long` task
+variants (1,000-2,000-token episodes). A preset only fills the options not given: `--preset v2 --layers 4`
+is v2 with 4 layers. Any --heads / --kv-heads where --kv-heads divides --heads works (GQA).
 """
 from __future__ import annotations
 
@@ -63,23 +69,45 @@ CURRICULUM = [
     Phase(0.5, {"easy": 0.3, "default": 0.6, "hard": 0.1}),
     Phase(1.0, {"easy": 0.1, "default": 0.65, "hard": 0.25}),
 ]
+# v2: the same start, then the long variants (1,000-2,000 tokens) take a growing share. The token budget per
+# step is fixed, so a long step holds fewer, longer episodes (a step draws one difficulty).
+CURRICULUM_V2 = [
+    Phase(0.15, {"easy": 0.7, "default": 0.3}),
+    Phase(0.35, {"easy": 0.2, "default": 0.5, "hard": 0.2, "long": 0.1}),
+    Phase(0.6, {"easy": 0.1, "default": 0.35, "hard": 0.25, "long": 0.3}),
+    Phase(1.0, {"easy": 0.05, "default": 0.25, "hard": 0.25, "long": 0.45}),
+]
+CURRICULA = {"v1": CURRICULUM, "v2": CURRICULUM_V2}
+
+# Options a preset sets (each defaults to None on the command line: an explicit value always wins).
+PRESETS = {
+    "v1": {"batch_tokens": 4096, "hidden": 192, "layers": 4, "heads": 6, "kv_heads": 6, "intermediate": 512,
+           "max_positions": 2048, "curriculum": "v1"},
+    "v2": {"batch_tokens": 8192, "hidden": 256, "layers": 6, "heads": 8, "kv_heads": 2, "intermediate": 768,
+           "max_positions": 4096, "curriculum": "v2"},
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="v1",
+                        help="model size and curriculum: v1 (the committed reasoner) or v2 (GQA, long episodes); "
+                             "explicit options override it")
     parser.add_argument("--out", type=Path, default=Path("runs/reasoner"), help="run directory (checkpoints, logs)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=5000)
-    parser.add_argument("--batch-tokens", type=int, default=4096, help="token budget per step (padding included)")
+    parser.add_argument("--batch-tokens", type=int, default=None,
+                        help="token budget per step, padding included (v1 4096, v2 8192)")
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--min-lr-ratio", type=float, default=0.1)
     parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--weight-decay", type=float, default=0.05)
-    parser.add_argument("--hidden", type=int, default=192)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--heads", type=int, default=6)
-    parser.add_argument("--kv-heads", type=int, default=6)
-    parser.add_argument("--intermediate", type=int, default=512)
-    parser.add_argument("--max-positions", type=int, default=2048)
+    parser.add_argument("--hidden", type=int, default=None, help="width (v1 192, v2 256)")
+    parser.add_argument("--layers", type=int, default=None, help="v1 4, v2 6")
+    parser.add_argument("--heads", type=int, default=None, help="query heads (v1 6, v2 8)")
+    parser.add_argument("--kv-heads", type=int, default=None,
+                        help="K/V heads, a divisor of --heads; fewer than --heads is grouped-query attention (v1 6, v2 2)")
+    parser.add_argument("--intermediate", type=int, default=None, help="MLP width (v1 512, v2 768)")
+    parser.add_argument("--max-positions", type=int, default=None, help="v1 2048, v2 4096")
     parser.add_argument("--tasks", default=",".join(TASKS), help="comma-separated tasks to train on")
     parser.add_argument("--task-weights", default=None,
                         help="comma-separated sampling weights, same order as --tasks (default: multihop 1.5, others 1)")
@@ -90,6 +118,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--drill-share", type=float, default=0.3,
                         help="share of lookup-drill sequences early in training (a fifth of it later)")
     parser.add_argument("--drill-until", type=float, default=0.3, help="progress at which the drill share drops")
+    parser.add_argument("--curriculum", choices=sorted(CURRICULA), default=None,
+                        help="difficulty schedule: v1 (easy/default/hard) or v2 (adds the long variants)")
     parser.add_argument("--curriculum-scale", type=float, default=1.0,
                         help="stretch (>1) or shrink the curriculum phases relative to --steps")
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=False,
@@ -108,17 +138,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true")
 
 
+def resolve_preset(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill the options left unset (None) from --preset (v1 when absent); explicit values are kept. Idempotent."""
+    for name, value in PRESETS[getattr(args, "preset", None) or "v1"].items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, value)
+    return args
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Reject model shapes the trainer cannot build, with the reason (SystemExit, like the other commands)."""
+    heads, kv_heads, hidden = args.heads, args.kv_heads, args.hidden
+    if heads < 1 or kv_heads < 1:
+        raise SystemExit(f"error: --heads and --kv-heads must be >= 1 (got {heads} and {kv_heads})")
+    if heads % kv_heads:
+        raise SystemExit(f"error: --kv-heads {kv_heads} does not divide --heads {heads}: grouped-query attention "
+                         f"shares each K/V head by the same number of query heads (valid --kv-heads for {heads} "
+                         f"heads: {', '.join(str(k) for k in range(1, heads + 1) if heads % k == 0)})")
+    if hidden % heads or (hidden // heads) % 2:
+        raise SystemExit(f"error: --hidden {hidden} / --heads {heads} must be an even integer head dimension "
+                         f"(RoPE rotates pairs of dimensions)")
+
+
 # ---------------------------------------------------------------------------------------------- data
 
-def difficulty_weights(progress: float) -> dict[str, float]:
-    for phase in CURRICULUM:
+def difficulty_weights(progress: float, curriculum: list[Phase] = CURRICULUM) -> dict[str, float]:
+    for phase in curriculum:
         if progress < phase.until:
             return phase.weights
-    return CURRICULUM[-1].weights
+    return curriculum[-1].weights
 
 
 DRILL_POOL = ENTITIES + COLORS + NUMBERS + VARIABLES + NODES + LABELS
-DRILL_FACTS = {"easy": (6, 14), "default": (12, 30), "hard": (24, 60)}  # about as long as the tasks
+# About as long as the tasks; long copy drills stop at 3 x 90 distinct words (the pool has 272).
+DRILL_FACTS = {"easy": (6, 14), "default": (12, 30), "hard": (24, 60), "long": (40, 90)}
 
 
 def drill_words(rng: random.Random, facts: int, copy: bool = False) -> tuple[list[str], list[bool]]:
@@ -161,7 +214,7 @@ def make_batch(args, step: int, vocab: dict[str, int]) -> tuple[torch.Tensor, to
     """(inputs, targets, loss mask) for one step; a pure function of (seed, step)."""
     rng = random.Random(f"train/{args.seed}/{step}")
     progress = min(1.0, step / (args.steps * args.curriculum_scale))
-    weights = difficulty_weights(progress)
+    weights = difficulty_weights(progress, CURRICULA[args.curriculum])
     difficulty = rng.choices(list(weights), list(weights.values()))[0]
     warmup = step < args.drill_warmup
     if warmup:
@@ -217,6 +270,28 @@ def model_config(args) -> ModelConfig:
     )
 
 
+def lookback_rows(config: ModelConfig, heads: int = 2, frequencies: int = 8) -> tuple[list[int], list[int]]:
+    """Rows of layer 0's q_proj and k_proj that the look-back heads own (`init_lookback_heads` sets them,
+    `hold_lookback_heads` keeps them fixed).
+
+    The look-back query heads are heads 0..heads-1, all of each. Their keys come from K/V head h // group (GQA:
+    `group` query heads read one K/V head). A K/V head read only by look-back heads is theirs whole (always the
+    case without GQA, the v1 layout); one shared with ordinary query heads gives up only the rows of the
+    `frequencies` fastest RoPE pairs, the only rows a look-back query reads, and keeps the rest for content.
+    """
+    d, group = config.head_dim, config.group_size
+    heads = min(heads, config.num_heads)
+    frequencies = min(frequencies, d // 2)
+    q_rows = list(range(heads * d))
+    k_rows: list[int] = []
+    for kv in sorted({h // group for h in range(heads)}):
+        if (kv + 1) * group <= heads:  # every query head of the group is a look-back head
+            k_rows += range(kv * d, (kv + 1) * d)
+        else:
+            k_rows += [kv * d + i for i in range(frequencies)] + [kv * d + d // 2 + i for i in range(frequencies)]
+    return q_rows, k_rows
+
+
 @torch.no_grad()
 def init_lookback_heads(model: Transformer, offsets: tuple[int, ...] = (1, 2), strength: float = 1.0,
                         frequencies: int = 8, constant: float = 0.2) -> None:
@@ -229,21 +304,29 @@ def init_lookback_heads(model: Transformer, offsets: tuple[int, ...] = (1, 2), s
     a near-constant input; head h's query and key read it into the `frequencies` fastest RoPE pairs with a
     phase offset of offsets[h] positions, so the score sum_i cos((p - s - offset) * theta_i) peaks at
     s = p - offset (margin ~0.69 per pair over any other key). Offsets 1 and 2 serve one- and two-word keys.
+
+    Grouped-query attention: the key carries no offset (only the query is rotated), so the look-back heads of
+    one K/V group share one look-back key, and heads 0 and 1 sit in the same group whenever a group has two
+    or more query heads. The group's other query heads keep that K/V head's slow RoPE pairs for content
+    (see `lookback_rows`); without GQA each look-back head owns its K/V head, exactly as in v1.
     """
     config = model.config
-    d = config.head_dim
+    d, group = config.head_dim, config.group_size
+    offsets = offsets[: config.num_heads]
+    frequencies = min(frequencies, d // 2)
     theta = config.rope_theta ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
     model.model.embed_tokens.weight[:, 0] = constant
     attention = model.model.layers[0].self_attn
+    q_rows, k_rows = lookback_rows(config, len(offsets), frequencies)
+    attention.q_proj.weight[q_rows] = 0
+    attention.k_proj.weight[k_rows] = 0
     for head, offset in enumerate(offsets):
-        rows = slice(head * d, (head + 1) * d)
-        attention.q_proj.weight[rows].zero_()
-        attention.k_proj.weight[rows].zero_()
+        kv = head // group
         for i in range(frequencies):
             # The query is rotated back by offset * theta_i: the dot product peaks `offset` positions back.
             attention.q_proj.weight[head * d + i, 0] = strength * math.cos(-offset * theta[i])
             attention.q_proj.weight[head * d + i + d // 2, 0] = strength * math.sin(-offset * theta[i])
-            attention.k_proj.weight[head * d + i, 0] = strength
+            attention.k_proj.weight[kv * d + i, 0] = strength
 
 
 def make_optimizer(model: Transformer, args) -> torch.optim.Optimizer:
@@ -306,11 +389,10 @@ def hold_lookback_heads(model: Transformer, heads: int = 2) -> None:
     Left free from the first step, the heads decay (93% -> 39% of attention on the previous token within
     750 steps) before the induction heads that need them have formed; held for a while, they get used.
     """
-    d = model.config.head_dim
     attention = model.model.layers[0].self_attn
-    for proj in (attention.q_proj, attention.k_proj):
+    for proj, rows in zip((attention.q_proj, attention.k_proj), lookback_rows(model.config, heads)):
         if proj.weight.grad is not None:
-            proj.weight.grad[: heads * d] = 0
+            proj.weight.grad[rows] = 0
     embed = model.model.embed_tokens.weight
     if embed.grad is not None:
         embed.grad[:, 0] = 0
@@ -355,6 +437,8 @@ def log(out: Path, record: dict) -> None:
 
 def run(args) -> int:
     """Train (spawning --procs data-parallel worker processes) and finish with evaluation and export."""
+    resolve_preset(args)
+    check_args(args)
     if args.procs == 1:
         return worker(0, args, None)
     with socket.socket() as sock:  # a free local port for the workers' rendezvous
@@ -483,9 +567,13 @@ def finish(model, tokenizer, tokenizer_path: Path, tasks: list[str], args, step:
     full = evaluate(model, tokenizer, tasks, n, world)
     hard = evaluate(model, tokenizer, tasks, n_hard, world, difficulty="hard")
     window = evaluate(model, tokenizer, ["multihop"], n, world, window_fraction=0.25) if "multihop" in tasks else {}
+    curriculum = CURRICULA[args.curriculum]
+    trains_long = any("long" in phase.weights for phase in curriculum)
+    n_long = max(1, n // 10)  # 1,000-2,000-token episodes: a tenth as many
+    long = evaluate(model, tokenizer, tasks, n_long, world, difficulty="long") if trains_long else None
     summary = {
         "recipe": {k: v for k, v in jsonable(vars(args)).items() if k not in ("resume", "no_progress", "export", "out")},
-        "curriculum": [{"until": p.until, "weights": p.weights} for p in CURRICULUM],
+        "curriculum": [{"until": p.until, "weights": p.weights} for p in curriculum],
         "parameters": model.num_parameters(),
         "steps": step,
         "train_wall_minutes": round((elapsed - eval_seconds) / 60, 1),
@@ -498,6 +586,7 @@ def finish(model, tokenizer, tokenizer_path: Path, tasks: list[str], args, step:
             "hard_episodes_per_task": n_hard,
             "hard_full_cache": hard,
             "multihop_default_sink4_window25": window.get("multihop"),
+            **({"long_episodes_per_task": n_long, "long_full_cache": long} if long is not None else {}),
             "final_eval_minutes": round((time.monotonic() - started) / 60, 1),
         },
         "accuracy_history": accuracy_history(args.out),
@@ -513,11 +602,16 @@ def finish(model, tokenizer, tokenizer_path: Path, tasks: list[str], args, step:
     return summary
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line as `run` takes it, preset resolved."""
     parser = argparse.ArgumentParser(prog="kvpilot train-model", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    return resolve_preset(parser.parse_args(argv))
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(parse_args(argv))
 
 
 if __name__ == "__main__":
