@@ -140,6 +140,7 @@ class Sequence:
     steps: int = 0  # engine steps this sequence took part in (staleness is counted in these)
     blocked_since: float | None = None  # when admission first failed for lack of memory
     input_only: list[int] = field(default_factory=list)  # fed after the pending history; never sampled/streamed
+    fork_parent: "Sequence | None" = None  # the running sequence whose cache this one shares (GenerationRequest.fork_of)
     next_position: int = 0  # logical position of the next fed token
     position_tokens: list[int] = field(default_factory=list)  # token fed at each logical position
     history_positions: list[int] = field(default_factory=list)  # position of each computed history token
@@ -212,8 +213,11 @@ class Engine:
     def add_request(self, request: GenerationRequest, emit: Callable[[Event], None]) -> Sequence:
         """Validate and queue a request. Raises a RequestError (nothing is queued then)."""
         description = self._validate(request)
+        parent = self._fork_parent(request) if request.fork_of is not None else None
         session = self._open_session(request)
         history = session.token_ids if session else []
+        if parent is not None:
+            history = parent.token_ids[:parent.num_computed]
         input_ids = list(request.input_ids)
         if not history and request.add_bos and self.model_config.bos_token_id is not None:
             if not input_ids or input_ids[0] != self.model_config.bos_token_id:
@@ -226,7 +230,8 @@ class Engine:
             raise InvalidRequest(f"request_id {request.request_id!r} is already in flight; use a unique id")
         # num_computed is settled at admission: a parked session KV may be dropped while this waits.
         seq = Sequence(request=request, emit=emit, token_ids=history + input_ids, num_computed=0,
-                       input_start=len(history), session=session, spec=description.spec)
+                       input_start=len(history), session=session, spec=description.spec,
+                       fork_parent=parent)
         seq.reserved_slots = self._footprint(seq)
         if seq.reserved_slots > self.pool.capacity_slots:
             raise ResourceExhausted(
@@ -250,6 +255,17 @@ class Engine:
         seq.detok = self.tokenizer.detokenizer(seq.token_ids)
         self.waiting.append(seq)
         return seq
+
+    def _fork_parent(self, request: GenerationRequest) -> "Sequence":
+        """The running request a fork continues from (raises InvalidRequest with what to fix)."""
+        if request.session_id or request.create_session:
+            raise InvalidRequest("a fork continues a running request's cache; it cannot also use a session")
+        parent = next((s for s in self.running if s.id == request.fork_of and s.kv is not None
+                       and s.finish_reason is None), None)
+        if parent is None:
+            raise InvalidRequest(f"fork_of: no running request {request.fork_of!r} (it must be admitted and not "
+                                 "finished)")
+        return parent
 
     def fail(self, seq: Sequence, exc: BaseException) -> None:
         """End one sequence because of a fault that belongs to it; every other sequence goes on."""
@@ -441,6 +457,17 @@ class Engine:
         sid = seq.session.id if seq.session else None
         resident = self.resident.get(sid) if sid else None
         slots = max(seq.reserved_slots, resident[0].n) if resident else seq.reserved_slots
+        parent = seq.fork_parent
+        if parent is not None:
+            if parent.finish_reason is not None or parent.kv is None:
+                raise InvalidRequest(f"fork_of: request {parent.id!r} ended before this fork could start")
+            # Fork the parent's cache as it stands now: its computed tokens, then this request's input.
+            seq.token_ids = parent.token_ids[:parent.num_computed] + seq.token_ids[seq.input_start:]
+            seq.input_start = parent.num_computed
+            new = len(seq.token_ids) - parent.num_computed + seq.request.sampling.max_new_tokens
+            c = seq.request.compression
+            slots = max(c.budget + c.interval + c.max_lag, parent.kv.n) if c.bounded else parent.kv.n + new
+            seq.reserved_slots = slots
         stats_bytes = self._stats_bytes(seq, slots)
         own_parked = self.parked_stats_bytes.get(sid, 0) if resident else 0  # released when this turn takes over
         while self.stats_reserved_bytes - own_parked + stats_bytes > self.stats_capacity_bytes:
@@ -450,6 +477,8 @@ class Engine:
             try:
                 if resident is not None:
                     seq.kv = self.pool.resize(resident[0].owner, slots)
+                elif parent is not None:
+                    seq.kv = self.pool.fork(parent.kv.owner, uuid.uuid4().hex, slots)
                 else:
                     seq.kv = self.pool.allocate(uuid.uuid4().hex, slots)
                 break
@@ -469,6 +498,10 @@ class Engine:
                     stats = None  # the policy changed between turns: start its statistics afresh
                 if stats is not None:
                     stats.resize(seq.kv.capacity, seq.kv.n)
+            elif parent is not None:
+                seq.restore(parent.cursor())  # copies: the two cursors move apart from here
+                seq.usage.cached_tokens = seq.num_computed
+                seq.detok = self.tokenizer.detokenizer(seq.token_ids)
             else:
                 seq.restore(Cursor())
             spec = seq.spec
@@ -482,6 +515,7 @@ class Engine:
             seq.kv, seq.stats = None, None
             seq.restore(Cursor())
             raise
+        seq.fork_parent = None  # forked: nothing of the parent is needed any more
         seq.stats_bytes = stats_bytes
         self.stats_reserved_bytes += stats_bytes
         seq.usage.reserved_kv_bytes = seq.kv.capacity * self.pool.slot_bytes

@@ -119,6 +119,10 @@ class GenerationRequest:
     # The policy's description, resolved on the event loop before queueing (so the engine thread never waits
     # for a remote Describe); None: the engine asks its policy client (cached).
     policy_description: object = field(default=None, compare=False, repr=False)
+    # Continue from the cache of this running request instead of a prompt of its own: the new sequence shares the
+    # parent's KV blocks copy-on-write and appends its input after the parent's computed tokens (a side thread
+    # that reads the main context without copying it, or several samples of one prefix). Engine-level for now.
+    fork_of: str | None = None
 
 
 class FinishReason(str, Enum):

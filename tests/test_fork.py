@@ -1,0 +1,63 @@
+"""Forking a running request's cache (GenerationRequest.fork_of): the child shares the parent's KV blocks
+copy-on-write, runs as one more sequence in the batch, and neither changes the other's output."""
+from __future__ import annotations
+
+import pytest
+
+from decoder_service.requests import FinishEvent, GenerationRequest, InvalidRequest, SamplingParams
+
+PROMPT = list(range(20, 70))
+SIDE = [7, 8, 9]
+
+
+def greedy(rid, prompt, n, **kw):
+    return GenerationRequest(rid, list(prompt), SamplingParams(temperature=0, max_new_tokens=n, ignore_eos=True), **kw)
+
+
+def run_with_fork(engine, fork_after: int):
+    """Run the parent; after `fork_after` generated tokens, fork a side request from it. Returns
+    (parent's final event, child's final event, the child's shared prefix, blocks the child shared at start)."""
+    finals, seen = {}, {}
+
+    def on_event(ev):
+        if isinstance(ev, FinishEvent):
+            finals[len(finals)] = ev
+
+    def hook(engine_, seq):
+        if seq.id == "main" and len(seq.generated) == fork_after and "child" not in seen:
+            seen["prefix"] = seq.token_ids[:seq.num_computed]
+            seen["child"] = engine_.add_request(greedy("side", SIDE, 6, fork_of="main"),
+                                                lambda ev: isinstance(ev, FinishEvent) and seen.__setitem__("done", ev))
+        if seq.id == "side" and "shared" not in seen:
+            seen["shared"] = sum(engine_.pool.refcount[b] > 1 for b in seq.kv.blocks)
+
+    engine.step_hooks.append(hook)
+    engine.add_request(greedy("main", PROMPT, 20), on_event)
+    engine.run_until_done()
+    return finals[0], seen["done"], seen["prefix"], seen["shared"]
+
+
+def test_a_fork_continues_the_parent_context_and_leaves_the_parent_unchanged(make_engine):
+    engine = make_engine()
+    baseline = (engine.pool.free_blocks, engine.pool.available_blocks)
+    [alone] = make_engine().generate([greedy("main", PROMPT, 20)])
+    parent, child, prefix, shared = run_with_fork(engine, fork_after=5)
+    assert parent.token_ids == alone.token_ids  # the side thread never touched the main thread's cache
+    assert shared > 0  # it read the parent's blocks without copying them
+    [fresh] = make_engine().generate([greedy("fresh", prefix[1:] + SIDE, 6)])  # BOS is added again
+    assert child.token_ids == fresh.token_ids  # same as re-reading the parent's context from scratch
+    assert child.usage.cached_tokens == len(prefix)
+    assert (engine.pool.free_blocks, engine.pool.available_blocks) == baseline  # every block came back
+    engine.pool.check_consistency()
+
+
+def test_fork_is_validated(make_engine):
+    engine = make_engine()
+    with pytest.raises(InvalidRequest, match="no running request 'nope'"):
+        engine.add_request(greedy("side", SIDE, 4, fork_of="nope"), lambda ev: None)
+    engine.add_request(greedy("main", PROMPT, 10), lambda ev: None)
+    engine.step()
+    with pytest.raises(InvalidRequest, match="cannot also use a session"):
+        engine.add_request(greedy("side", SIDE, 4, fork_of="main", create_session=True), lambda ev: None)
+    engine.run_until_done()
+    assert engine.pool.used_blocks == 0
