@@ -133,6 +133,9 @@ def test_rejects_kv_heads_that_do_not_divide_heads(tmp_path, heads, kv_heads):
     with pytest.raises(SystemExit, match="--kv-heads"):
         cli.main(["train-model", *TINY, "--heads", str(heads), "--kv-heads", str(kv_heads), "--out", str(tmp_path)])
     assert not (tmp_path / "args.json").exists()  # rejected before any work
+
+
+def test_rejects_odd_head_dimensions(tmp_path):
     with pytest.raises(SystemExit, match="head dimension"):
         train_model.run(parse("--hidden", "36", "--heads", "4", "--kv-heads", "2", "--out", str(tmp_path)))
 
@@ -188,7 +191,6 @@ def test_lookback_heads_work_with_grouped_kv_heads(shape):
 # ----------------------------------------------------------------------------------------------- v2
 
 def test_v2_preset():
-    args = parse("--preset", "v2")
     args = train_model.resolve_preset(parse_plain("--preset", "v2"))
     assert (args.heads, args.kv_heads) == (8, 2) and args.max_positions >= 4096
     model = Transformer(train_model.model_config(args))

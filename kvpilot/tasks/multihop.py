@@ -161,10 +161,6 @@ class MultihopWalkEpisode(Episode):
     def hops(self) -> int:
         return len(self.walk)
 
-    def first_output(self, entity: str) -> int | None:
-        """The id of the output that showed `entity`'s document on the reference run (its first call)."""
-        return self.path.index(entity) if entity in self.path[:-1] else None
-
     def tool_response(self, model_turn_text: str) -> str | None:
         """Reply to the last `<call> X </call>` of the turn; None when the turn calls nothing (final answer).
 
@@ -246,7 +242,8 @@ def generate_walk(seed: int, difficulty: str, params: MultihopParams) -> Multiho
     )
     for i, entity in enumerate(path[:-1]):
         first = path.index(entity)
-        episode.replies.append(f"<tool> #{i} #{first} </tool>" if first < i else render_walk_documents(episode, entity, i))
+        seen = first < i  # looked up before: point back to that output
+        episode.replies.append(f"<tool> #{i} #{first} </tool>" if seen else render_walk_documents(episode, entity, i))
     turn = f"<call> {start} </call>"
     for i in range(hops):
         episode.reference.append(("model", turn))

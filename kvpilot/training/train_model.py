@@ -105,7 +105,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layers", type=int, default=None, help="v1 4, v2 6")
     parser.add_argument("--heads", type=int, default=None, help="query heads (v1 6, v2 8)")
     parser.add_argument("--kv-heads", type=int, default=None,
-                        help="K/V heads, a divisor of --heads; fewer than --heads is grouped-query attention (v1 6, v2 2)")
+                        help="K/V heads, a divisor of --heads; fewer than --heads is grouped-query attention "
+                             "(v1 6, v2 2)")
     parser.add_argument("--intermediate", type=int, default=None, help="MLP width (v1 512, v2 768)")
     parser.add_argument("--max-positions", type=int, default=None, help="v1 2048, v2 4096")
     parser.add_argument("--tasks", default=",".join(TASKS), help="comma-separated tasks to train on")
