@@ -10,7 +10,6 @@ quote the ratios.
 from __future__ import annotations
 
 import argparse
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import RESULTS, write_csv
+from benchmarks.common import RESULTS, add_device_arguments, apply_device_arguments, write_csv
 
 from decoder_service.checkpoint import load_checkpoint, save_checkpoint
 from decoder_service.engine import Engine, EngineConfig
@@ -89,15 +88,10 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16, 32])
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--threads", type=int, help="torch CPU threads (1 when another job shares the cores)")
+    add_device_arguments(parser)
     parser.add_argument("--repeats", type=int, default=2, help="best of N (the first run also warms up)")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    dtype = getattr(torch, args.dtype)
-    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
+    dtype, device_name = apply_device_arguments(args)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         path = make_model(args.shape, Path(tmp), dtype)

@@ -13,7 +13,6 @@ something only on a GPU.
 from __future__ import annotations
 
 import argparse
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import RESULTS, write_csv
+from benchmarks.common import RESULTS, add_device_arguments, apply_device_arguments, write_csv
 from benchmarks.decode_throughput import SHAPES, make_model, sync
 from decoder_service.checkpoint import load_checkpoint
 from decoder_service.engine import Engine, EngineConfig
@@ -100,14 +99,9 @@ def main() -> None:
     parser.add_argument("--interval", type=int, default=16)
     parser.add_argument("--window", type=int, default=16)
     parser.add_argument("--policies", nargs="+", default=POLICIES)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--threads", type=int, help="torch CPU threads (1 when another job shares the cores)")
+    add_device_arguments(parser)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    dtype = getattr(torch, args.dtype)
-    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
+    dtype, device_name = apply_device_arguments(args)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         loaded = load_checkpoint(make_model(args.shape, Path(tmp), dtype), device=args.device, dtype=dtype)
