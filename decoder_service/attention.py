@@ -96,10 +96,16 @@ class PoolAttention:
             self._prepare_kernel(device)
             self.groups = []
         else:
-            explicit = [s for s in segments if s.needs_probabilities]
-            fused = [s for s in segments if not s.needs_probabilities]
-            self.groups = [(g, _Group(g, device)) for g in (explicit, fused) if g]
-            self.explicit = {id(s) for s in explicit}
+            # Sub-batches by (probabilities needed, decode or prefill): padding a decode token to a prefill
+            # chunk's length would multiply its work (and memory) by the chunk length.
+            buckets: dict[tuple[bool, bool], list[Segment]] = {}
+            for seg in segments:
+                buckets.setdefault((seg.needs_probabilities, seg.length == 1), []).append(seg)
+            self.groups = [(members, _Group(members, device), explicit)
+                           for (explicit, _), members in buckets.items()]
+        # Statistics are observed after the whole forward succeeded (`apply_statistics`): a batch that fails
+        # and is retried sequence by sequence must not count any sequence's attention twice.
+        self.observations: list[tuple] = []
 
     def _prepare_kernel(self, device: torch.device) -> None:
         tables = [s.kv.blocks[:self.pool.blocks_for(s.kv.n + 1)] for s in self.segments]
@@ -118,8 +124,7 @@ class PoolAttention:
         if self.use_kernel:
             return self._kernel_call(layer, q)
         out = torch.empty_like(q[0])
-        for members, group in self.groups:
-            explicit = id(members[0]) in self.explicit
+        for members, group, explicit in self.groups:
             o, probs = self._attend(layer, q[0], group, explicit)
             out.index_copy_(0, group.out_rows, o.reshape(-1, *o.shape[2:]).index_select(0, group.real))
             for i, seg in enumerate(members):
@@ -127,7 +132,8 @@ class PoolAttention:
                     attention = None
                     if probs is not None:
                         attention = probs[i, :, :, :seg.length, :group.lengths[i]].sum(dim=1)  # [H, T, S]
-                    seg.stats.observe(layer, q[0, seg.start:seg.start + seg.length], attention, seg.positions)
+                    self.observations.append((seg.stats, layer, q[0, seg.start:seg.start + seg.length], attention,
+                                              seg.positions))
         return out.unsqueeze(0)
 
     def _attend(self, layer: int, q: Tensor, group: _Group, explicit: bool) -> tuple[Tensor, Tensor | None]:
@@ -162,8 +168,14 @@ class PoolAttention:
         for i, seg in enumerate(self.segments):
             if seg.stats is not None:
                 summed = attention[i, :, None, :seg.kv.n + 1] if seg.needs_probabilities else None  # [H, 1, S]
-                seg.stats.observe(layer, q[0, seg.start:seg.start + 1], summed, seg.positions)
+                self.observations.append((seg.stats, layer, q[0, seg.start:seg.start + 1], summed, seg.positions))
         return out.unsqueeze(0)
+
+    def apply_statistics(self) -> None:
+        """Feed the step's attention to the sequences' statistics, once the whole forward has succeeded."""
+        for stats, layer, q, attention, positions in self.observations:
+            stats.observe(layer, q, attention, positions)
+        self.observations.clear()
 
 
 def attend(q: Tensor, keys: Tensor, values: Tensor, n_prev: int) -> tuple[Tensor, Tensor]:

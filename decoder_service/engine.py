@@ -668,7 +668,10 @@ class Engine:
                                     positions=pos[0, cursor:cursor + n]))
             cursor += n
         rows = torch.tensor(sample_rows, device=self.device, dtype=torch.long)
-        return self.model(input_ids, pos, PoolAttention(segments, self.pool), logits_at=rows)
+        attention = PoolAttention(segments, self.pool)
+        logits = self.model(input_ids, pos, attention, logits_at=rows)
+        attention.apply_statistics()  # only now: a failed forward is retried without counting anything twice
+        return logits
 
     def _append_token(self, seq: Sequence, token: int) -> None:
         s = seq.request.sampling

@@ -19,9 +19,9 @@ valid slots; per-head keep sets differ in *which* tokens a row holds, never in h
 Accounting (the vLLM / nano-vLLM block manager idea, written for this pool):
   * a block is free or has a reference count >= 1 (the sequences whose tables hold it);
   * a sequence *reserves* `capacity` slots at admission (its maximum footprint); blocks are taken when its
-    tokens are written. The pool promises every sequence its headroom (reserved blocks it does not yet own
-    exclusively), and admits new reservations only from what is free beyond those promises, so a running
-    sequence can never run out of blocks;
+    tokens are written. The pool promises every sequence its headroom (reserved blocks not yet in its table)
+    and every shared block its private copies (one per extra holder), and admits new reservations only from
+    what is free beyond those promises, so a running sequence can never run out of blocks;
   * compaction rewrites slots within the sequence's blocks and returns the emptied tail blocks at once
     (invariant 1: the freed bytes are counted free);
   * `fork` gives a child that shares all its parent's blocks (reference counts + 1): copy-on-write. Whoever
@@ -90,8 +90,10 @@ class SequenceKV:
         if self.n + t > self.capacity:
             raise RuntimeError(f"sequence {self.owner}: {self.n} + {t} slots exceed its reserved {self.capacity}")
         bs = self.pool.block_size
-        if self.n % bs and self.pool.refcount[self.blocks[self.n // bs]] > 1:
-            self.pool.copy_on_write(self, self.n // bs)
+        # Copy-on-write: every shared block the new tokens land in (the partly filled last one, in practice).
+        for index in range(self.n // bs, min(len(self.blocks), self.pool.blocks_for(self.n + t))):
+            if self.pool.refcount[self.blocks[index]] > 1:
+                self.pool.copy_on_write(self, index)
         while len(self.blocks) * bs < self.n + t:
             self.pool.take_block(self)
 
@@ -190,7 +192,8 @@ class KVPool:
         self.refcount = [0] * self.num_blocks
         self._free_blocks: list[int] = list(range(self.num_blocks - 1, -1, -1))  # a stack: lowest ids first
         self._sequences: dict[str, SequenceKV] = {}
-        self._shared = 0  # blocks with refcount > 1 (none: every table is exclusive, accounting is O(sequences))
+        self._shared = 0  # blocks with refcount > 1
+        self._shared_extra = 0  # sum over shared blocks of (refcount - 1): the copies copy-on-write may still make
 
     @classmethod
     def for_model(cls, config, capacity_bytes: int, dtype: torch.dtype, device,
@@ -212,18 +215,15 @@ class KVPool:
     def used_blocks(self) -> int:
         return self.num_blocks - self.free_blocks
 
-    def exclusive_blocks(self, seq: SequenceKV) -> int:
-        if not self._shared:
-            return len(seq.blocks)
-        return sum(self.refcount[b] == 1 for b in seq.blocks)
-
     def headroom(self, seq: SequenceKV) -> int:
-        """Blocks the pool has promised `seq` and not yet given it (its reservation beyond what it owns)."""
-        return max(0, seq.reserved_blocks - self.exclusive_blocks(seq))
+        """Blocks `seq` may still add to its table (its reservation beyond what it holds)."""
+        return max(0, seq.reserved_blocks - len(seq.blocks))
 
     @property
     def promised_blocks(self) -> int:
-        return sum(self.headroom(s) for s in self._sequences.values())
+        """Blocks that may still be taken: every sequence's headroom, plus one private copy per extra holder of
+        a shared block (r holders of a block need at most r - 1 copies: the last one keeps the original)."""
+        return sum(self.headroom(s) for s in self._sequences.values()) + self._shared_extra
 
     @property
     def available_blocks(self) -> int:
@@ -324,12 +324,14 @@ class KVPool:
         slots = src.capacity if slots is None else slots
         if slots < src.n:
             raise ValueError(f"a fork of {parent} needs at least its {src.n} slots (asked {slots})")
-        seq = SequenceKV(owner=child, pool=self, capacity=slots, blocks=list(src.blocks), n=src.n)
+        # Only the blocks that hold valid slots are shared: a block taken ahead of an append is the parent's.
+        seq = SequenceKV(owner=child, pool=self, capacity=slots, blocks=list(src.blocks[:self.blocks_for(src.n)]),
+                         n=src.n)
         before = self.promised_blocks
         for block in seq.blocks:
             self._share(block)
         self._sequences[child] = seq
-        # The child's headroom covers a private copy of every block it shares; the parent's grew likewise.
+        # The promise now covers the child's growth and one private copy of every block it shares.
         if self.free_blocks < self.promised_blocks:
             self.free(child)
             raise PoolExhausted(f"fork of {parent} needs {self.promised_blocks - before} more promised blocks; "
@@ -390,11 +392,14 @@ class KVPool:
 
     def _share(self, block: int) -> None:
         self.refcount[block] += 1
+        self._shared_extra += 1
         if self.refcount[block] == 2:
             self._shared += 1
 
     def _release(self, block: int) -> None:
         self.refcount[block] -= 1
+        if self.refcount[block] >= 1:
+            self._shared_extra -= 1
         if self.refcount[block] == 1:
             self._shared -= 1
         elif self.refcount[block] == 0:
@@ -413,4 +418,5 @@ class KVPool:
         free = sorted(self._free_blocks)
         assert free == [b for b in range(self.num_blocks) if counts[b] == 0], "free list differs from unreferenced blocks"
         assert self._shared == sum(c > 1 for c in counts), "shared-block count is off"
+        assert self._shared_extra == sum(c - 1 for c in counts if c > 1), "shared-copy count is off"
         assert self.promised_blocks <= self.free_blocks, "promised more blocks than are free"

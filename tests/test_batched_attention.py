@@ -48,6 +48,8 @@ def test_one_call_per_layer_equals_the_dense_reference(with_stats):
         k = torch.randn(1, start, H, D, generator=gen)
         v = torch.randn(1, start, H, D, generator=gen)
         out = attention(layer, q, k, v)
+        assert all(s is None or not s.accumulators["cumulative_attention"][layer].any() for s in stats)
+        attention.apply_statistics()  # statistics land only once the forward succeeded
         for seg, before in zip(segments, dense_before):
             rows = slice(seg.start, seg.start + seg.length)
             keys = torch.cat([before.k[layer], k[0, rows].transpose(0, 1)], dim=1)
@@ -137,3 +139,47 @@ def test_a_poisoned_sequence_cannot_reach_its_neighbours_through_padding(with_st
     out = PoolAttention(segments, pool)(0, torch.randn(1, 2, HQ, D, generator=gen),
                                         torch.randn(1, 2, H, D, generator=gen), torch.randn(1, 2, H, D, generator=gen))
     assert torch.isfinite(out[0, 0]).all() and not torch.isfinite(out[0, 1]).all()
+
+
+def test_a_retried_batch_counts_no_sequence_twice(make_engine, monkeypatch):
+    """A batched forward that fails is retried sequence by sequence: the innocent sequences' carried statistics
+    equal a clean run's (nothing is observed until a forward succeeds)."""
+    from decoder_service.requests import CompressionConfig, GenerationRequest, SamplingParams
+
+    original = PoolAttention._attend
+
+    def attend_or_fail(self, layer, q, group, explicit):  # the victim's batch fails in its second layer
+        if layer == 1 and any(seg.kv is POISONED.get("kv") for seg in group.segments):
+            raise RuntimeError("injected fault in layer 1")
+        return original(self, layer, q, group, explicit)
+
+    POISONED = {}
+    monkeypatch.setattr(PoolAttention, "_attend", attend_or_fail)
+
+    def run(poison: bool) -> dict:
+        engine = make_engine()
+        finals = {}
+        retire = engine._retire
+
+        def capture(seq):
+            if seq.stats is not None:
+                finals[seq.id] = seq.stats.accumulators["cumulative_attention"][:, :, :seq.kv.n].clone()
+            retire(seq)
+
+        engine._retire = capture
+        names = ["a", "b", "victim"] if poison else ["a", "b"]
+        for rid in names:
+            engine.add_request(GenerationRequest(rid, list(range(3, 30)), SamplingParams(temperature=0, max_new_tokens=8,
+                                                                                        ignore_eos=True),
+                                                 compression=CompressionConfig(policy="h2o", budget=400)), lambda ev: None)
+        for _ in range(3):
+            engine.step()
+        if poison:
+            POISONED["kv"] = next(s for s in engine.running if s.id == "victim").kv
+        engine.run_until_done()
+        POISONED.clear()
+        return finals
+
+    clean, retried = run(False), run(True)
+    for rid in ("a", "b"):
+        assert torch.allclose(retried[rid], clean[rid], atol=1e-6), rid

@@ -171,6 +171,19 @@ def test_a_fork_that_cannot_be_promised_is_refused():
     pool.check_consistency()
 
 
+def test_a_shared_block_is_promised_one_copy_per_extra_holder():
+    """r holders of a block need at most r - 1 private copies: a parent holding almost half the pool forks."""
+    pool = make_pool(slots=64)  # 16 blocks
+    parent = pool.allocate("parent", 28)
+    append(parent, 28)  # 7 blocks, all full
+    child = pool.fork("parent", "child", slots=28)
+    assert pool.promised_blocks == 7 and pool.free_blocks == 9  # one copy per shared block, not two
+    append(parent, 0)
+    child.compact(torch.arange(0, 28, 2))  # copies the 4 blocks it rewrites (the first 14 slots)
+    assert pool.promised_blocks == 3 and pool.free_blocks == 5 and keys_of(parent) == [float(i) for i in range(28)]
+    pool.check_consistency()
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.tuples(st.sampled_from(["alloc", "append", "compact", "fork", "free", "resize"]),
                           st.integers(0, 4), st.integers(1, 12)), max_size=40))
