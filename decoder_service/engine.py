@@ -219,7 +219,7 @@ class Engine:
         if parent is not None:
             history = parent.token_ids[:parent.num_computed]
         input_ids = list(request.input_ids)
-        if not history and request.add_bos and self.model_config.bos_token_id is not None:
+        if not history and parent is None and request.add_bos and self.model_config.bos_token_id is not None:
             if not input_ids or input_ids[0] != self.model_config.bos_token_id:
                 input_ids = [self.model_config.bos_token_id] + input_ids
         total = len(history) + len(input_ids)
@@ -468,6 +468,15 @@ class Engine:
             c = seq.request.compression
             slots = max(c.budget + c.interval + c.max_lag, parent.kv.n) if c.bounded else parent.kv.n + new
             seq.reserved_slots = slots
+            # The parent moved on since the request arrived: check the fork against it as it stands now.
+            context = self.model_config.max_position_embeddings
+            if parent.next_position + new > context:
+                raise InvalidRequest(f"fork_of: the parent is at position {parent.next_position}; {new} more tokens "
+                                     f"exceed the model's context of {context}; lower max_new_tokens")
+            worst = self.pool.blocks_for(slots) + len(parent.kv.blocks)  # its growth + a copy of every shared block
+            if worst > self.pool.num_blocks:
+                raise ResourceExhausted(f"fork_of: the fork may need {worst} KV blocks but the pool holds "
+                                        f"{self.pool.num_blocks}; lower max_new_tokens or set a compression budget")
         stats_bytes = self._stats_bytes(seq, slots)
         own_parked = self.parked_stats_bytes.get(sid, 0) if resident else 0  # released when this turn takes over
         while self.stats_reserved_bytes - own_parked + stats_bytes > self.stats_capacity_bytes:
@@ -502,6 +511,8 @@ class Engine:
                 seq.restore(parent.cursor())  # copies: the two cursors move apart from here
                 seq.usage.cached_tokens = seq.num_computed
                 seq.detok = self.tokenizer.detokenizer(seq.token_ids)
+                if parent.stats is not None and parent.stats.spec == seq.spec:
+                    stats = parent.stats.clone(seq.kv.capacity, seq.kv.n)  # the inherited slots keep their evidence
             else:
                 seq.restore(Cursor())
             spec = seq.spec
@@ -853,12 +864,17 @@ class Engine:
             region = self.pool.allocate(uuid.uuid4().hex, max(n, 1))
         except PoolExhausted:
             return False
-        region.load(k, tensors["v"], tensors["positions"])
-        computed = int(meta["num_computed"])
-        cursor = Cursor.of_history(session.token_ids, computed)
-        if "next_position" in meta:  # snapshots written before positions had their own counter lack it
-            cursor = Cursor(computed, int(meta["next_position"]), list(meta["position_tokens"]),
-                            list(meta["history_positions"]))
+        try:
+            region.load(k, tensors["v"], tensors["positions"])
+            computed = int(meta["num_computed"])
+            cursor = Cursor.of_history(session.token_ids, computed)
+            if "next_position" in meta:  # snapshots written before positions had their own counter lack it
+                cursor = Cursor(computed, int(meta["next_position"]), list(meta["position_tokens"]),
+                                list(meta["history_positions"]))
+        except Exception as exc:  # a malformed snapshot: give its blocks back, re-prefill from the history
+            log.warning("KV snapshot of session %s is unusable (%s); it will re-prefill", session.id, exc)
+            self.pool.free(region.owner)
+            return False
         self.resident[session.id] = (region, None, cursor)
         return True
 

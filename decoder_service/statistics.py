@@ -9,6 +9,7 @@ Only what the policy declares (a StatsSpec) is computed. Two kinds:
 """
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -105,6 +106,15 @@ class SequenceStatistics:
             grown = acc.new_zeros(*acc.shape[:2], capacity)
             grown[:, :, :n_valid] = acc[:, :, :n_valid]
             self.accumulators[name] = grown
+
+    def clone(self, capacity: int, n_valid: int) -> "SequenceStatistics":
+        """An independent copy (a forked sequence inherits the evidence of the slots it shares)."""
+        twin = copy.copy(self)
+        twin.accumulators = {name: acc.clone() for name, acc in self.accumulators.items()}
+        twin.queries = None if self.queries is None else self.queries.clone()
+        twin.query_positions = None if self.query_positions is None else self.query_positions.clone()
+        twin.resize(capacity, n_valid)
+        return twin
 
     def gather(self, keep: Tensor, n_valid: int) -> None:
         """Apply a keep plan ([k] global or [L, H, k] per head) to the carried statistics."""

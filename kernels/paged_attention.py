@@ -370,7 +370,7 @@ def paged_decode_attention_triton(q: Tensor, k_cache: Tensor, v_cache: Tensor, b
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Torch reference (also the CPU serving path)
+# Torch reference (what runs without Triton)
 # --------------------------------------------------------------------------------------------------------------
 
 def paged_decode_attention_reference(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, seq_lens: Tensor,
@@ -378,9 +378,10 @@ def paged_decode_attention_reference(q: Tensor, k_cache: Tensor, v_cache: Tensor
                                      with_stats: bool = False) -> tuple[Tensor, Tensor | None]:
     """Same contract as `paged_decode_attention_triton`, in torch: gather every sequence's slots through its
     block table (padded to max_len; padding table entries are replaced, never dereferenced) and run plain
-    masked softmax attention in float32, all sequences at once (this is also the engine's CPU path, where a
-    Python loop per sequence would dominate). Checks seq_lens and the used block ids (one sync) and raises
-    ValueError where the kernel would read outside the pool."""
+    masked softmax attention in float32, all sequences at once (what `paged_decode_attention` runs without
+    Triton; the engine's CPU path is its own batched attention in decoder_service/attention.py). Checks
+    seq_lens and the used block ids (one sync) and raises ValueError where the kernel would read outside the
+    pool."""
     B, Hq, D, H, G, max_len = _check(q, k_cache, v_cache, block_tables, seq_lens, block_size)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     if B == 0 or max_len == 0:
@@ -402,7 +403,9 @@ def paged_decode_attention_reference(q: Tensor, k_cache: Tensor, v_cache: Tensor
     slots = tables[:, j // block_size] * block_size + j % block_size  # [B, max_len]
     valid = j[None, :] < lens[:, None]  # [B, max_len]
     k = k_cache[:, slots].float().transpose(0, 1)  # [B, H, max_len, D]
-    v = v_cache[:, slots].float().transpose(0, 1)
+    # Invalid slots (a last block's tail, padding) may hold another sequence's data, even NaN: zero their
+    # values, since a probability of 0 times NaN would still be NaN.
+    v = v_cache[:, slots].float().transpose(0, 1).masked_fill(~valid[:, None, :, None], 0.0)
     scores = (q.float().view(B, H, G, D) @ k.transpose(-1, -2)) * scale  # [B, H, G, max_len]
     scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
     # An empty sequence's row is all -inf (softmax NaN): its probabilities are 0, so its output is 0.

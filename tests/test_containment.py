@@ -616,3 +616,20 @@ def test_remote_policy_needs_a_stream():
 
     with pytest.raises(ValueError, match="policy streams must be >= 1"):
         RemotePolicy("127.0.0.1:1", streams=0)
+
+
+def test_a_malformed_kv_snapshot_leaks_no_blocks(make_engine):
+    """A snapshot whose values do not match its keys (or whose metadata is incomplete) is refused: the session
+    re-prefills from its history and the blocks taken for it go back at once."""
+    from decoder_service.sessions import Session
+
+    engine = make_engine()
+    c = engine.model_config
+    k = torch.randn(c.num_layers, c.num_kv_heads, 20, c.head_dim)
+    bad = {"k": k, "v": k[:, :, :5], "positions": torch.arange(20).expand(*k.shape[:2], 20)}
+    meta = {"model": engine.loaded.name, "num_computed": 20}
+    assert not engine.import_session(Session(id="broken", token_ids=list(range(3, 24))), bad, meta)
+    good = dict(bad, v=k.clone())
+    assert not engine.import_session(Session(id="no-meta", token_ids=list(range(3, 24))), good, {"model": engine.loaded.name})
+    assert engine.pool.used_blocks == 0 and engine.pool.reserved_slots == 0 and not engine.resident
+    engine.pool.check_consistency()

@@ -61,3 +61,28 @@ def test_fork_is_validated(make_engine):
         engine.add_request(greedy("side", SIDE, 4, fork_of="main", create_session=True), lambda ev: None)
     engine.run_until_done()
     assert engine.pool.used_blocks == 0
+
+
+def test_a_fork_inherits_the_statistics_of_the_slots_it_shares(make_engine):
+    from decoder_service.requests import CompressionConfig
+
+    engine = make_engine()
+    policy = CompressionConfig(policy="h2o", budget=400)
+    seen = {}
+
+    def hook(engine_, seq):
+        if seq.id == "main" and len(seq.generated) == 4 and "forked" not in seen:
+            seen["forked"] = True
+            seen["parent"] = seq.stats.accumulators["cumulative_attention"][:, :, :seq.kv.n].clone()
+            engine_.add_request(greedy("side", SIDE, 3, fork_of="main", compression=policy), lambda ev: None)
+        if seq.id == "side" and "child" not in seen:
+            seen["child"] = seq.stats.accumulators["cumulative_attention"][:, :, :seen["parent"].shape[-1]].clone()
+            seen["prompt_tokens"] = seq.usage.prompt_tokens
+
+    engine.step_hooks.append(hook)
+    engine.add_request(greedy("main", PROMPT, 12, compression=policy), lambda ev: None)
+    engine.run_until_done()
+    assert seen["prompt_tokens"] == len(SIDE)  # no BOS in the middle of the parent's context
+    # The child's first step added its own attention on top of what it inherited: never less, and not from zero.
+    assert bool((seen["child"] >= seen["parent"] - 1e-6).all()) and seen["parent"].sum() > 0
+    assert engine.pool.used_blocks == 0

@@ -261,3 +261,17 @@ def test_public_entry_dispatches(monkeypatch):
         monkeypatch.setattr(pa, "paged_decode_attention_triton", boom)
         out, stats = kernels.paged_decode_attention(*case, 4)
         assert stats is None and torch.equal(out, want[0])
+
+
+def test_reference_ignores_nan_outside_the_valid_slots():
+    """Another sequence's NaN in the tail of a shared-size block, or behind padding, never reaches an output."""
+    torch.manual_seed(0)
+    H, G, D, bs = 2, 2, 8, 4
+    k_cache, v_cache = torch.randn(H, 8 * bs, D), torch.randn(H, 8 * bs, D)
+    v_cache[:, 2 * bs + 3] = float("nan")  # the tail slot of block 2, past the sequence's 3 valid slots
+    v_cache[:, :bs] = float("nan")  # block 0: what padded table entries pointed at
+    q = torch.randn(2, H * G, D)
+    tables = torch.tensor([[2, 0], [5, 6]], dtype=torch.int32)
+    out, stats = kernels.paged_decode_attention_reference(q, k_cache, v_cache, tables, torch.tensor([3, 6]), bs,
+                                                          with_stats=True)
+    assert torch.isfinite(out).all() and torch.isfinite(stats).all()
