@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable as a script from anywhere
-from benchmarks.common import RESULTS, write_csv  # noqa: E402
+from benchmarks.common import RESULTS, print_table, write_csv  # noqa: E402
 from benchmarks.compaction_bench import best_ms, device_name  # noqa: E402
 import kernels  # noqa: E402
 from kernels import paged_attention  # noqa: E402
@@ -142,12 +142,9 @@ def main(argv=None):
           f"{rows[0]['device']}, best of {repeats} interleaved runs x {inner} calls")
     print(f"targets: speed_vs_sdpa >= {SPEED_TARGET} (no stats), stats_vs_sdpa <= {STATS_TARGET}")
     if impl_name != "triton":
-        print("NOTE: no CUDA: this times the torch reference path (the engine's CPU path) against SDPA at "
-              "smoke shapes; the Triton figures and the targets need a GPU.")
-    widths = [max(len(c), *(len(str(r[c])) for r in rows)) for c in cols]
-    print("  ".join(c.rjust(w) for c, w in zip(cols, widths)))
-    for r in rows:
-        print("  ".join(str(r[c]).rjust(w) for c, w in zip(cols, widths)))
+        print("NOTE: no CUDA: this times the kernel's torch reference against SDPA at smoke shapes; the "
+              "Triton figures and the targets need a GPU.")
+    print_table(rows, cols)
 
     out = RESULTS / f"attention_{device.type}{'_smoke' if smoke else ''}.csv"
     write_csv(out, rows)

@@ -34,3 +34,11 @@ def apply_device_arguments(args: argparse.Namespace) -> tuple[torch.dtype, str]:
         torch.set_num_threads(args.threads)
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
     return getattr(torch, args.dtype), name
+
+
+def print_table(rows: list[dict], cols: list[str]) -> None:
+    """Print the chosen columns of rows as a right-aligned text table."""
+    widths = [max(len(c), *(len(str(r[c])) for r in rows)) for c in cols]
+    print("  ".join(c.rjust(w) for c, w in zip(cols, widths)))
+    for r in rows:
+        print("  ".join(str(r[c]).rjust(w) for c, w in zip(cols, widths)))

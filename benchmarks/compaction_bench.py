@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable as a script from anywhere
-from benchmarks.common import RESULTS, write_csv  # noqa: E402
+from benchmarks.common import RESULTS, print_table, write_csv  # noqa: E402
 import kernels  # noqa: E402
 from kernels import compaction  # noqa: E402
 
@@ -155,10 +155,7 @@ def main(argv=None):
 
     cols = ["device", "model", "keep", "L", "H", "D", "cap", "n_keep", "MB_moved", "compact_ms", "raw_ms", "copy_ms", "bw_fraction", "GBps"]
     print(f"compaction ({rows[0]['impl']}, {args.dtype}), best of {repeats} interleaved runs")
-    widths = [max(len(c), *(len(str(r[c])) for r in rows)) for c in cols]
-    print("  ".join(c.rjust(w) for c, w in zip(cols, widths)))
-    for r in rows:
-        print("  ".join(str(r[c]).rjust(w) for c, w in zip(cols, widths)))
+    print_table(rows, cols)
 
     out = RESULTS / f"compaction_{device.type}.csv"
     write_csv(out, rows)

@@ -11,9 +11,10 @@ over post-RoPE q/k/v of all N tokens; the call
      valid count, so only the sequence length and causality are masked),
   4. feeds the sequences whose policy keeps carried statistics.
 
-Two groups of sequences, so that probabilities exist only where a policy asks for them: those that keep
-cumulative/decayed attention get explicit float32 probabilities (read by their statistics); the others run
-`scaled_dot_product_attention`. On a GPU, a step of decode tokens only runs the Triton paged decode kernel
+Sequences are split into sub-batches by two questions. Does the policy keep cumulative/decayed attention
+(explicit float32 probabilities, read by its statistics) or not (`scaled_dot_product_attention`)? Is it a
+decode token or a prefill chunk (a decode token is never padded to a chunk's length)? Statistics are fed only
+once the whole forward has succeeded, so a batch retried sequence by sequence counts nobody twice. On a GPU, a step of decode tokens only runs the Triton paged decode kernel
 (kernels.paged_decode_attention), which reads the pool through the block tables and fuses the statistics.
 """
 from __future__ import annotations
@@ -62,13 +63,11 @@ class _Group:
         maps = [seg.kv.slot_map[:length] for seg, length in zip(segments, self.lengths)]
         pad = segments[0].kv.pool.pad_slot
         self.gather = torch.nn.utils.rnn.pad_sequence(maps, batch_first=True, padding_value=pad).reshape(-1)
-        # Rows of the flat step batch each (sequence, query) reads; padded queries repeat the sequence's last.
-        query = [min(t, seg.length - 1) for seg in segments for t in range(t_max)]
-        rows = [seg.start + q for seg, q in zip((s for s in segments for _ in range(t_max)), query)]
-        self.rows = torch.tensor(rows, dtype=torch.long, device=device)  # [B * T_max]
+        # Each (sequence, query) of the padded batch; padded queries repeat the sequence's last one.
+        queries = [(seg, min(t, seg.length - 1)) for seg in segments for t in range(t_max)]
+        self.rows = torch.tensor([seg.start + q for seg, q in queries], dtype=torch.long, device=device)  # flat rows
         # Query t sees the old slots and the new tokens up to itself (invariant 4: no per-head mask needed).
-        last_visible = torch.tensor([seg.kv.n + q for seg, q in zip((s for s in segments for _ in range(t_max)), query)],
-                                    device=device).view(b, t_max, 1)
+        last_visible = torch.tensor([seg.kv.n + q for seg, q in queries], device=device).view(b, t_max, 1)
         self.visible = torch.arange(s_max, device=device).view(1, 1, s_max) <= last_visible  # [B, T_max, S_max]
         real = [i * t_max + t for i, seg in enumerate(segments) for t in range(seg.length)]
         self.real = torch.tensor(real, dtype=torch.long, device=device)  # padded-batch rows that are real queries
@@ -114,7 +113,6 @@ class PoolAttention:
         self.block_tables = torch.tensor([t + [pad] * (width - len(t)) for t in tables], dtype=torch.int32,
                                          device=device)
         self.seq_lens = torch.tensor([s.kv.n + 1 for s in self.segments], dtype=torch.int32, device=device)
-        self.rows = torch.tensor([s.start for s in self.segments], dtype=torch.long, device=device)
         self.kernel_stats = any(s.needs_probabilities for s in self.segments)
 
     def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:

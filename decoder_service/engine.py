@@ -414,9 +414,32 @@ class Engine:
         """Slots to reserve: the whole sequence, or for a bounded policy budget + interval + max_lag."""
         total = len(seq.token_ids) + seq.request.sampling.max_new_tokens
         c = seq.request.compression
+        parent = seq.fork_parent
+        if parent is not None:  # a fork holds the parent's slots (compressed or not), then its own tokens
+            new = total - seq.input_start
+            return max(c.budget + c.interval + c.max_lag, parent.kv.n) if c.bounded else parent.kv.n + new
         if c.bounded:
             return min(total, c.budget + c.interval + c.max_lag)
         return total
+
+    def _rebase_fork(self, seq: Sequence, parent: Sequence) -> int:
+        """Fork the parent's cache as it stands now (it moved on since the request arrived): its computed tokens,
+        then this request's input. Checks the fork against it and returns the slots to reserve."""
+        if parent.finish_reason is not None or parent.kv is None:
+            raise InvalidRequest(f"fork_of: request {parent.id!r} ended before this fork could start")
+        seq.token_ids = parent.token_ids[:parent.num_computed] + seq.token_ids[seq.input_start:]
+        seq.input_start = parent.num_computed
+        seq.reserved_slots = slots = self._footprint(seq)
+        context = self.model_config.max_position_embeddings
+        new = len(seq.token_ids) - seq.input_start + seq.request.sampling.max_new_tokens
+        if parent.next_position + new > context:
+            raise InvalidRequest(f"fork_of: the parent is at position {parent.next_position}; {new} more tokens "
+                                 f"exceed the model's context of {context}; lower max_new_tokens")
+        worst = self.pool.blocks_for(slots) + len(parent.kv.blocks)  # its growth + a copy of every shared block
+        if worst > self.pool.num_blocks:
+            raise ResourceExhausted(f"fork_of: the fork may need {worst} KV blocks but the pool holds "
+                                    f"{self.pool.num_blocks}; lower max_new_tokens or set a compression budget")
+        return slots
 
     def _stats_bytes(self, seq: Sequence, capacity: int) -> int:
         c = self.model_config
@@ -459,24 +482,7 @@ class Engine:
         slots = max(seq.reserved_slots, resident[0].n) if resident else seq.reserved_slots
         parent = seq.fork_parent
         if parent is not None:
-            if parent.finish_reason is not None or parent.kv is None:
-                raise InvalidRequest(f"fork_of: request {parent.id!r} ended before this fork could start")
-            # Fork the parent's cache as it stands now: its computed tokens, then this request's input.
-            seq.token_ids = parent.token_ids[:parent.num_computed] + seq.token_ids[seq.input_start:]
-            seq.input_start = parent.num_computed
-            new = len(seq.token_ids) - parent.num_computed + seq.request.sampling.max_new_tokens
-            c = seq.request.compression
-            slots = max(c.budget + c.interval + c.max_lag, parent.kv.n) if c.bounded else parent.kv.n + new
-            seq.reserved_slots = slots
-            # The parent moved on since the request arrived: check the fork against it as it stands now.
-            context = self.model_config.max_position_embeddings
-            if parent.next_position + new > context:
-                raise InvalidRequest(f"fork_of: the parent is at position {parent.next_position}; {new} more tokens "
-                                     f"exceed the model's context of {context}; lower max_new_tokens")
-            worst = self.pool.blocks_for(slots) + len(parent.kv.blocks)  # its growth + a copy of every shared block
-            if worst > self.pool.num_blocks:
-                raise ResourceExhausted(f"fork_of: the fork may need {worst} KV blocks but the pool holds "
-                                        f"{self.pool.num_blocks}; lower max_new_tokens or set a compression budget")
+            slots = self._rebase_fork(seq, parent)
         stats_bytes = self._stats_bytes(seq, slots)
         own_parked = self.parked_stats_bytes.get(sid, 0) if resident else 0  # released when this turn takes over
         while self.stats_reserved_bytes - own_parked + stats_bytes > self.stats_capacity_bytes:

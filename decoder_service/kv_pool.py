@@ -110,15 +110,13 @@ class SequenceKV:
         self.pool.v[layer][:, slots] = v_new.transpose(0, 1).to(self.pool.dtype)
 
     def commit(self, positions: Tensor) -> None:
-        """After all layers wrote T tokens: record their logical positions [T] and make them valid."""
-        t = positions.shape[0]
-        if self.n + t > len(self.blocks) * self.pool.block_size:
-            raise RuntimeError(f"sequence {self.owner}: committing {t} slots that were never prepared")
-        self.pool.positions[:, :, self.write_slots(t)] = positions.to(self.pool.positions.device)
-        self.n += t
+        """After all layers wrote T tokens (`write`): record their logical positions [T] and make them valid."""
+        slots = self.write_slots(positions.shape[0])
+        self.advance(positions.shape[0])
+        self.pool.positions[:, :, slots] = positions.to(self.pool.positions.device)
 
     def advance(self, t: int) -> None:
-        """Make t written tokens valid whose positions were written with them (the engine's batched path)."""
+        """Make t written tokens valid (the engine's batched path writes their positions with the K/V)."""
         if self.n + t > len(self.blocks) * self.pool.block_size:
             raise RuntimeError(f"sequence {self.owner}: committing {t} slots that were never prepared")
         self.n += t
@@ -192,7 +190,6 @@ class KVPool:
         self.refcount = [0] * self.num_blocks
         self._free_blocks: list[int] = list(range(self.num_blocks - 1, -1, -1))  # a stack: lowest ids first
         self._sequences: dict[str, SequenceKV] = {}
-        self._shared = 0  # blocks with refcount > 1
         self._shared_extra = 0  # sum over shared blocks of (refcount - 1): the copies copy-on-write may still make
 
     @classmethod
@@ -374,7 +371,7 @@ class KVPool:
 
     def make_private(self, seq: SequenceKV, slots: int) -> None:
         """Copy every shared block among the first `slots` logical slots of `seq` (before a rewrite)."""
-        if not self._shared:
+        if not self._shared_extra:  # nothing is shared anywhere (no fork alive)
             return
         for index in range(min(len(seq.blocks), self.blocks_for(slots))):
             if self.refcount[seq.blocks[index]] > 1:
@@ -393,16 +390,12 @@ class KVPool:
     def _share(self, block: int) -> None:
         self.refcount[block] += 1
         self._shared_extra += 1
-        if self.refcount[block] == 2:
-            self._shared += 1
 
     def _release(self, block: int) -> None:
         self.refcount[block] -= 1
         if self.refcount[block] >= 1:
             self._shared_extra -= 1
-        if self.refcount[block] == 1:
-            self._shared -= 1
-        elif self.refcount[block] == 0:
+        else:
             self._free_blocks.append(block)
 
     def check_consistency(self) -> None:
@@ -417,6 +410,5 @@ class KVPool:
         assert counts == self.refcount, "reference counts differ from the block tables"
         free = sorted(self._free_blocks)
         assert free == [b for b in range(self.num_blocks) if counts[b] == 0], "free list differs from unreferenced blocks"
-        assert self._shared == sum(c > 1 for c in counts), "shared-block count is off"
         assert self._shared_extra == sum(c - 1 for c in counts if c > 1), "shared-copy count is off"
         assert self.promised_blocks <= self.free_blocks, "promised more blocks than are free"

@@ -16,22 +16,26 @@ class SamplingError(InternalError):
     """The model produced logits that cannot be sampled (NaN): this request ends, others go on."""
 
 
-def greedy_tokens(logits: Tensor) -> list[int | None]:
-    """Greedy picks for a batch of rows [K, V] in one argmax; None where a row cannot be sampled (NaN, or no
-    finite logit), so that request alone fails with the same error `sample_token` raises."""
-    logits = logits.float()
-    bad = torch.isnan(logits).any(dim=-1) | ~torch.isfinite(logits).any(dim=-1)
-    picks = torch.argmax(logits, dim=-1).tolist()
-    return [None if b else p for p, b in zip(picks, bad.tolist())]
-
-
 NON_FINITE = "the model produced non-finite logits for this sequence; it cannot be sampled"
+
+
+def unsampleable(logits: Tensor) -> Tensor:
+    """Per row of logits [..., V]: a NaN anywhere, or no finite logit at all."""
+    return torch.isnan(logits).any(dim=-1) | ~torch.isfinite(logits).any(dim=-1)
+
+
+def greedy_tokens(logits: Tensor) -> list[int | None]:
+    """Greedy picks for a batch of rows [K, V] in one argmax; None where a row cannot be sampled, so that
+    request alone fails with the same error `sample_token` raises."""
+    logits = logits.float()
+    picks = torch.argmax(logits, dim=-1).tolist()
+    return [None if bad else pick for pick, bad in zip(picks, unsampleable(logits).tolist())]
 
 
 def sample_token(logits: Tensor, params: SamplingParams, generator: torch.Generator) -> int:
     """logits: [V] on any device; the generator must live on the same device."""
     logits = logits.float()
-    if bool(torch.isnan(logits).any()) or not bool(torch.isfinite(logits).any()):
+    if bool(unsampleable(logits)):
         raise SamplingError(NON_FINITE)
     if params.greedy:
         return int(torch.argmax(logits))

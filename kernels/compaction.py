@@ -267,8 +267,9 @@ def compact_reference(k: Tensor, v: Tensor, positions: Tensor, keep, n_valid: in
     This is also the engine's CPU path, so it gathers a few (layer, head) rows at a time (row-major
     index_select into a cache-sized temporary, then a copy back): several times faster on CPU than one
     torch.gather over [L, H, n, D], whose temporary goes through DRAM twice. Rows are disjoint, so each step
-    is independent. With a slot map the sources are gathered from `slot_map[keep]` and written back to the
-    physical slots `slot_map[:n_keep]` (an index_copy_ of the gathered copy, so still out of place).
+    is independent. Sources are gathered from `slot_map[keep]` and written back to the physical slots
+    `slot_map[:n_keep]` (an index_copy_ of the gathered copy, so still out of place); without a slot map the
+    map is the identity.
     """
     L, H, cap, D = _check_kv(k, v, positions, n_valid)
     keep, per_head = check_keep(keep, L, H, n_valid, k.device, validate)
@@ -277,31 +278,16 @@ def compact_reference(k: Tensor, v: Tensor, positions: Tensor, keep, n_valid: in
     n_keep = keep.shape[-1]
     if n_keep == 0 or L * H == 0:
         return n_keep
-    if slot_map is not None:
-        return _compact_paged_reference(k, v, positions, slot_map[keep], per_head, slot_map[:n_keep])
+    # Logical slot j is physical slot j of the sequence's own rows, or slot_map[j] in a paged pool.
+    if slot_map is None:
+        src, dst = keep, torch.arange(n_keep, device=k.device)
+    else:
+        src, dst = slot_map[keep], slot_map[:n_keep]
     rows = L * H
-    row_keep = keep.reshape(rows, n_keep) if per_head else keep.expand(rows, n_keep)
+    row_src = src.reshape(rows, n_keep) if per_head else src.expand(rows, n_keep)
     step = max(1, _GATHER_BYTES // (n_keep * D * k.element_size()))
     row_base = torch.arange(min(step, rows), device=k.device).unsqueeze(1) * cap
     k_rows, v_rows = k.view(rows, cap, D), v.view(rows, cap, D)
-    for r0 in range(0, rows, step):
-        r1 = min(r0 + step, rows)
-        flat = (row_base[: r1 - r0] + row_keep[r0:r1]).reshape(-1)  # slot index within rows r0..r1
-        for t in (k_rows, v_rows):
-            t[r0:r1, :n_keep] = t[r0:r1].reshape(-1, D).index_select(0, flat).view(r1 - r0, n_keep, D)
-    positions[:, :, :n_keep] = torch.gather(positions, 2, keep if per_head else keep.expand(L, H, n_keep))
-    return n_keep
-
-
-def _compact_paged_reference(k: Tensor, v: Tensor, positions: Tensor, src: Tensor, per_head: bool, dst: Tensor) -> int:
-    """compact_reference through a slot map: `src` are the physical sources ([n_keep] or [L, H, n_keep]),
-    `dst` the physical destinations [n_keep]; a few rows at a time, as above."""
-    L, H, S, D = k.shape
-    rows, n_keep = L * H, dst.numel()
-    row_src = src.reshape(rows, n_keep) if per_head else src.expand(rows, n_keep)
-    step = max(1, _GATHER_BYTES // (n_keep * D * k.element_size()))
-    row_base = torch.arange(min(step, rows), device=k.device).unsqueeze(1) * S
-    k_rows, v_rows = k.view(rows, S, D), v.view(rows, S, D)
     for r0 in range(0, rows, step):
         r1 = min(r0 + step, rows)
         flat = (row_base[: r1 - r0] + row_src[r0:r1]).reshape(-1)  # slot index within rows r0..r1

@@ -259,8 +259,9 @@ def merge_reference(k: Tensor, v: Tensor, positions: Tensor, plan, n_valid: int,
 
     Also the engine's CPU path: a few (layer, head) rows at a time, as row-major 2-D index_select /
     index_add_ over flattened slots, which stay cache-sized and are several times faster than the same ops
-    along dim 2 of [L, H, cap, D]. With a slot map, sources and anchors are read at their physical slots and
-    the outputs written back to `slot_map[:n_out]` with index_copy_ (still out of place).
+    along dim 2 of [L, H, cap, D]. Sources and anchors are read at their physical slots and the outputs
+    written back to `slot_map[:n_out]` with index_copy_ (still out of place; without a slot map the map is
+    the identity).
     """
     L, H, cap, D = _check_kv(k, v, positions, n_valid)
     plan = check_plan(plan, n_valid, k.device, validate)
@@ -269,7 +270,7 @@ def merge_reference(k: Tensor, v: Tensor, positions: Tensor, plan, n_valid: int,
     n_out, total = plan.n_out, plan.sources.numel()
     if n_out == 0 or L * H == 0:
         return n_out
-    phys_dst = None  # physical output slots, with a slot map
+    phys_dst = torch.arange(n_out, device=k.device)  # physical output slots (identity without a slot map)
     if slot_map is not None:
         plan, phys_dst = _physical_plan(plan, slot_map), slot_map[:n_out]
     rows = L * H
@@ -286,16 +287,9 @@ def merge_reference(k: Tensor, v: Tensor, positions: Tensor, plan, n_valid: int,
         weighted = v_rows[r0:r0 + g].reshape(-1, D).index_select(0, src).float().view(g, total, D) * weights
         v_new = torch.zeros(g * n_out, D, dtype=torch.float32, device=k.device).index_add_(0, dst, weighted.view(-1, D))
         k_new = k_rows[r0:r0 + g].index_select(1, plan.anchors)
-        if phys_dst is None:
-            v_rows[r0:r0 + g, :n_out] = v_new.view(g, n_out, D)
-            k_rows[r0:r0 + g, :n_out] = k_new
-        else:
-            v_rows[r0:r0 + g].index_copy_(1, phys_dst, v_new.view(g, n_out, D).to(v.dtype))
-            k_rows[r0:r0 + g].index_copy_(1, phys_dst, k_new)
-    if phys_dst is None:
-        positions[:, :, :n_out] = positions.index_select(2, plan.anchors)
-    else:
-        positions.index_copy_(2, phys_dst, positions.index_select(2, plan.anchors))
+        v_rows[r0:r0 + g].index_copy_(1, phys_dst, v_new.view(g, n_out, D).to(v.dtype))
+        k_rows[r0:r0 + g].index_copy_(1, phys_dst, k_new)
+    positions.index_copy_(2, phys_dst, positions.index_select(2, plan.anchors))
     return n_out
 
 
