@@ -215,3 +215,19 @@ def test_random_operations_keep_the_accounting_exact(ops):
         pool.check_consistency()
         assert pool.reserved_slots == sum(s.capacity for s in live.values())
         assert pool.free_blocks + len({b for s in live.values() for b in s.blocks}) == pool.num_blocks
+
+
+@pytest.mark.parametrize("block_size", [0, 3, 12, -4])
+def test_block_size_must_be_a_power_of_two(block_size):
+    with pytest.raises(ValueError, match="block_size must be a power of two"):
+        make_pool(block_size=block_size)
+
+
+def test_a_pool_smaller_than_one_block_is_refused():
+    with pytest.raises(ValueError, match="holds no block of 16"):
+        make_pool(slots=10, block_size=16)
+
+
+def test_engine_block_size_is_checked(make_engine):  # EngineConfig.block_size reaches the pool
+    with pytest.raises(ValueError, match="block_size must be a power of two"):
+        make_engine(block_size=24)
