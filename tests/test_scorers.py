@@ -106,6 +106,15 @@ def test_random_is_seeded_and_global():
     assert a.dim() == 1 and torch.equal(a, b) and not torch.equal(a, c) and protected(a)
 
 
+def test_random_per_head_draws_a_keep_set_per_row():
+    idx = kept(make_scorer("random", {"per_head": "true"}).plan(frame(seed=1)))
+    assert idx.shape == (L, H, 16) and protected(idx)
+    rows = {tuple(r.tolist()) for r in idx.reshape(-1, 16)}
+    assert len(rows) > 1, "per-head random must differ between rows"
+    with pytest.raises(ParameterError, match="per_head"):
+        make_scorer("random", {"per_head": "maybe"})
+
+
 def test_nothing_to_evict_means_no_plan():
     assert make_scorer("h2o").plan(frame(keep=N, cumulative_attention=torch.zeros(L, H, N))) is None
     assert make_scorer("full").plan(frame()) is None

@@ -1,8 +1,9 @@
 """`snapkv` (Li et al., SnapKV): keep what the last window of queries attends to, clustered by pooling.
 
-Score = attention of the last `window_queries` queries (averaged), max-pooled along the slots with `kernel`
+Score = attention of the last `window_queries` queries (averaged), pooled along the slots with `kernel`
 (neighbours of an important token are kept too), averaged over the KV group; per (layer, KV head).
-Defaults: observation window 32 queries, kernel 7, max pooling (kvpress / SnapKV code)."""
+Defaults: observation window 32 queries, kernel 7, max pooling: the SnapKV authors' code. kvpress's SnapKVPress
+uses window 64, kernel 5 and average pooling: `window_queries=64 kernel=5 pooling=avg` gives that variant."""
 from __future__ import annotations
 
 from dataclasses import dataclass
