@@ -1,7 +1,9 @@
 """Load and save Hugging Face-format checkpoint directories.
 
 A directory holds config.json, model.safetensors (or shards listed in model.safetensors.index.json),
-tokenizer.json and optionally generation_config.json. Nothing is downloaded: paths only.
+tokenizer.json and optionally generation_config.json, and optionally the TriAttention calibration measured on
+its weights (triattention_calibration.safetensors, decoder_service/calibration.py), which policies that need
+`trig_scores` require. Nothing is downloaded: paths only.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from decoder_service.calibration import TrigCalibration, load_calibration
 from decoder_service.model import ModelConfig, Transformer
 from decoder_service.tokenizer import TextTokenizer
 
@@ -25,9 +28,12 @@ class LoadedModel:
     config: ModelConfig
     path: Path
     name: str
+    calibration: TrigCalibration | None = None  # TriAttention's query centres, on the model's device
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> LoadedModel:
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                    calibration: bool = True) -> LoadedModel:
+    """calibration=False skips the TriAttention calibration (`kvpilot calibrate` replaces a stale one)."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} has no config.json: not a Hugging Face checkpoint directory")
@@ -56,7 +62,9 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype:
         raise ValueError(f"checkpoint {path} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     model.eval()
     tokenizer = TextTokenizer.from_file(path / "tokenizer.json", eos_token_ids=config.eos_token_ids, bos_token_id=config.bos_token_id)
-    return LoadedModel(model=model, tokenizer=tokenizer, config=config, path=path, name=path.name)
+    calibrated = load_calibration(path, config) if calibration else None  # a stale file is an error
+    return LoadedModel(model=model, tokenizer=tokenizer, config=config, path=path, name=path.name,
+                       calibration=None if calibrated is None else calibrated.to(device))
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:

@@ -219,7 +219,9 @@ class Compressor:
             state.frames, session.id if session else seq.id, seq.kv, seq.stats, seq.spec,
             seq.position_tokens, tool_segments, keep=c.budget, sinks=c.sinks, window=c.window,
             num_heads=engine.model_config.num_heads, step=len(seq.generated),
-            seed=frame_seed(seq.usage.seed, state.frames))
+            seed=frame_seed(seq.usage.seed, state.frames), prompt_len=prompt_length(seq),
+            rope_inv_freq=engine.model.model.rotary_emb.inv_freq, calibration=engine.loaded.calibration,
+            oracle=seq.request.oracle, next_position=seq.next_position)  # oracle: eval only (golden)
         span = telemetry.start_compaction_span(seq.request.trace_parent, frame.frame_id, c.policy, frame.n)
         return frame, span
 
@@ -253,6 +255,9 @@ class Compressor:
         start = time.perf_counter()
         before = kv.n
         plan = decision.plan
+        guards = getattr(plan, "guards", ())
+        if guards and not reason:  # the policy's regime guards (CASK) show in the event and the span
+            reason = "guards: " + ", ".join(guards)
         merged = 0
         if plan is None:
             if kv.free_slots == 0:
@@ -360,6 +365,24 @@ class Compressor:
         log.warning("policy circuit %s -> %s", old, new)
         if self.metrics is not None:
             self.metrics.circuit.add(1, {"kvpilot.circuit.state": new})
+
+
+def prompt_length(seq) -> int:
+    """The frame's prompt_len: logical positions below it hold the first turn's prompt (<bos> included) -- a
+    session's first turn (its first segment), a fork's parent's, otherwise this request's input. Prompt tokens
+    not computed yet take the next positions (input-only tokens are fed only after the pending history)."""
+    if seq.fork_parent is not None:
+        return prompt_length(seq.fork_parent)
+    session = seq.session
+    if session is not None and session.segments:
+        first = session.segments[0]
+        end = first.end if first.kind != "model" else 0
+    else:
+        end = seq.input_start + seq.usage.prompt_tokens
+    where = seq.history_positions
+    if end <= len(where):
+        return where[end - 1] + 1 if end else 0
+    return seq.next_position + (end - len(where))
 
 
 def with_new_slots(keep: torch.Tensor, frame_n: int, n: int) -> torch.Tensor:

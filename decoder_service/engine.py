@@ -34,6 +34,7 @@ from typing import Callable
 import torch
 
 from decoder_service.attention import PoolAttention, Segment
+from decoder_service.calibration import CALIBRATION_FILE
 from decoder_service.compression import CompressionState, Compressor
 from decoder_service.checkpoint import LoadedModel
 from decoder_service.kv_pool import KVPool, PoolExhausted, SequenceKV
@@ -50,6 +51,7 @@ from decoder_service.requests import (
     GenerationRequest,
     InternalError,
     InvalidRequest,
+    ReplayStep,
     RequestError,
     ResourceExhausted,
     SegmentKind,
@@ -58,7 +60,7 @@ from decoder_service.requests import (
     TokenEvent,
     Usage,
 )
-from decoder_service.sampling import NON_FINITE, SamplingError, greedy_tokens, sample_token
+from decoder_service.sampling import NON_FINITE, SamplingError, forced_steps, greedy_tokens, sample_token
 from decoder_service.sessions import InMemorySessionStore, Session
 from decoder_service.statistics import SequenceStatistics, statistics_bytes
 from kvpilot_protocol.telemetry import DecoderMetrics
@@ -145,6 +147,7 @@ class Sequence:
     position_tokens: list[int] = field(default_factory=list)  # token fed at each logical position
     history_positions: list[int] = field(default_factory=list)  # position of each computed history token
     error: RequestError | None = None
+    replay: list[ReplayStep] = field(default_factory=list)  # teacher forcing (request.forced_tokens): one per step
 
     @property
     def id(self) -> str:
@@ -380,7 +383,41 @@ class Engine:
             check_session_id(request.session_id)
         resolved = request.policy_description
         describe = self.describe if resolved is None else (lambda policy, params: resolved)
-        return validate_compression(c, self.model_config.max_position_embeddings, describe)
+        description = validate_compression(c, self.model_config.max_position_embeddings, describe)
+        if "trig_scores" in description.spec.names and self.loaded.calibration is None:
+            path = self.loaded.path
+            raise InvalidRequest(f"policy {c.policy!r} needs the model's TriAttention calibration ({CALIBRATION_FILE} "
+                                 f"beside the checkpoint), which {path} lacks: run `kvpilot calibrate --model {path}` "
+                                 "and restart the decoder")
+        self._validate_evaluation_fields(request, description)
+        return description
+
+    def _validate_evaluation_fields(self, request: GenerationRequest, description: PolicyDescription) -> None:
+        """The eval-only fields (GenerationRequest.oracle, forced_tokens), set by in-process harnesses only."""
+        c = request.compression
+        if "future_attention" in description.spec.names and c.bounded:
+            oracle = request.oracle
+            if oracle is None:
+                raise InvalidRequest(f"policy {c.policy!r} declares future_attention, which only a reference trace's "
+                                     "oracle gives: set GenerationRequest.oracle (decoder_service.oracle."
+                                     "reference_oracle); it is evaluation-only (kvpilot eval / bench pareto / bench "
+                                     "fidelity)")
+            if not oracle.matches(c.interval, c.budget):
+                raise InvalidRequest(f"the oracle's blocks ({oracle.block} queries from {oracle.origin} mod "
+                                     f"{oracle.block}) are not this request's compression points (every "
+                                     f"{c.interval} tokens at {c.budget % c.interval} mod {c.interval}): compute it "
+                                     f"with interval={c.interval}, budget={c.budget}")
+        forced = request.forced_tokens
+        if forced is not None:
+            if not forced:
+                raise InvalidRequest("forced_tokens is empty: give at least one token to force (or None)")
+            bad = [t for t in forced if not 0 <= t < self.model_config.vocab_size]
+            if bad:
+                raise InvalidRequest(f"forced token id {bad[0]} is outside the vocabulary "
+                                     f"[0, {self.model_config.vocab_size})")
+            if len(forced) > request.sampling.max_new_tokens:
+                raise InvalidRequest(f"{len(forced)} forced tokens exceed max_new_tokens "
+                                     f"({request.sampling.max_new_tokens}), which sizes the reservation")
 
     def _check_lengths(self, total: int, request: GenerationRequest) -> None:
         context = self.model_config.max_position_embeddings
@@ -638,12 +675,17 @@ class Engine:
             if samples:
                 samplers.append((row - 1, seq))
         batch = [(seq, n) for seq, n in batch if seq.finish_reason is None]
-        greedy = [(row, seq) for row, seq in samplers if seq.request.sampling.greedy]
+        forced = self._force(samplers, logits)  # teacher-forced rows (eval only): recorded, token given
+        greedy = [(row, seq) for row, seq in samplers if seq.request.sampling.greedy and seq.id not in forced]
         picks = dict(zip((seq.id for _, seq in greedy),
                          greedy_tokens(logits[[row for row, _ in greedy]]) if greedy else []))
         for row, seq in samplers:
             try:
-                if seq.id in picks:  # greedy rows: one argmax for the whole step
+                if seq.id in forced:
+                    token = forced[seq.id]
+                    if token is None:
+                        raise SamplingError(NON_FINITE)
+                elif seq.id in picks:  # greedy rows: one argmax for the whole step
                     token = picks[seq.id]
                     if token is None:
                         raise SamplingError(NON_FINITE)
@@ -665,6 +707,25 @@ class Engine:
         if self.steps % 64 == 0:
             self.expire_sessions()
         return True
+
+    def _force(self, samplers: list[tuple[int, Sequence]], logits: torch.Tensor) -> dict[str, int | None]:
+        """Teacher forcing (GenerationRequest.forced_tokens, evaluation only): for each forced sequence among
+        this step's samplers, record the model's distribution against its next forced token (a ReplayStep: the
+        token's log-probability, the greedy pick, top-5 membership, the slots it was computed over) and return
+        that token to append instead of a sampled one. One batched computation for all of them. None: the
+        row cannot be sampled (the request fails as a sampled one would)."""
+        rows = [(row, seq) for row, seq in samplers if seq.request.forced_tokens is not None]
+        if not rows:
+            return {}
+        tokens = [seq.request.forced_tokens[len(seq.generated)] for _, seq in rows]
+        out: dict[str, int | None] = {}
+        for (_, seq), token, seen in zip(rows, tokens, forced_steps(logits[[row for row, _ in rows]], tokens)):
+            if seen is not None:
+                logprob, argmax, in_top5 = seen
+                seq.replay.append(ReplayStep(token=token, logprob=logprob, argmax=argmax, in_top5=in_top5,
+                                             kv_slots=seq.kv.n))
+            out[seq.id] = None if seen is None else token
+        return out
 
     def _forward(self, batch: list[tuple[Sequence, int]]) -> torch.Tensor:
         """One model call over the batch's tokens (their K/V written past each sequence's `n`, not yet
@@ -709,7 +770,9 @@ class Engine:
                     seq.text = seq.text[:at]
                     seq.finish_reason, seq.matched_stop = FinishReason.STOP, stop
                     break
+        forced = seq.request.forced_tokens  # a teacher-forced sequence ends after its last forced token
         if seq.finish_reason is None and (len(seq.generated) >= s.max_new_tokens
+                                          or (forced is not None and len(seq.generated) >= len(forced))
                                           or len(seq.token_ids) >= self.model_config.max_position_embeddings):
             seq.finish_reason = FinishReason.LENGTH
         # Hold back a tail that could still become a stop string, so stop text is never streamed.
@@ -745,7 +808,7 @@ class Engine:
             self.pool.free(seq.kv.owner)
         seq.emit(FinishEvent(finish_reason=seq.finish_reason, usage=seq.usage, text=seq.text,
                              token_ids=list(seq.generated), matched_stop=seq.matched_stop,
-                             session_id=session.id if session else None, error=seq.error))
+                             session_id=session.id if session else None, error=seq.error, replay=seq.replay))
 
     def _save_session(self, seq: Sequence, session: Session) -> None:
         self.busy_sessions.discard(session.id)

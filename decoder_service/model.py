@@ -196,6 +196,22 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
 
 
+def invert_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Undo `apply_rope` with the same angles: rotate each pair (i, i + D/2) back by the position's angle.
+
+    A rotation's inverse is the rotation by the opposite angle, so this is apply_rope with -sin; rotate then
+    invert gives the pre-RoPE vector back up to float rounding. Any shape [..., D] with cos/sin broadcasting."""
+    return apply_rope(x, cos, -sin)
+
+
+def rope_angles(positions: Tensor, inv_freq: Tensor) -> tuple[Tensor, Tensor]:
+    """cos, sin [..., D] in float32 for integer positions [...]: the angles `RotaryEmbedding` gives the model
+    (the same float32 product), for any layout of positions (the pool's [L, H, n] included)."""
+    freqs = positions.float()[..., None] * inv_freq.float()
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()

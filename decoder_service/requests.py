@@ -7,6 +7,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from decoder_service.oracle import FutureAttention
 
 
 class RequestError(Exception):
@@ -123,6 +127,14 @@ class GenerationRequest:
     # parent's KV blocks copy-on-write and appends its input after the parent's computed tokens (a side thread
     # that reads the main context without copying it, or several samples of one prefix). Engine-level for now.
     fork_of: str | None = None
+    # ---- evaluation only: set by in-process harnesses (kvpilot eval, bench pareto / fidelity), never from gRPC ----
+    # Golden Eviction's oracle (decoder_service/oracle.py): the reference trace's future attention, for a policy
+    # that declares the `future_attention` statistic. Its block grid must match this request's compression.
+    oracle: FutureAttention | None = field(default=None, compare=False, repr=False)
+    # Teacher forcing: at each step the engine records the model's distribution against the next of these
+    # tokens (FinishEvent.replay) and appends it instead of sampling; the sequence ends after the last one
+    # (EOS and stop conditions still apply: set ignore_eos and no stops to force them all).
+    forced_tokens: list[int] | None = field(default=None, repr=False)
 
 
 class FinishReason(str, Enum):
@@ -173,6 +185,17 @@ class EvictionEvent:
 
 
 @dataclass
+class ReplayStep:
+    """One teacher-forced step (GenerationRequest.forced_tokens): the model's distribution against the reference."""
+
+    token: int  # the forced (reference) token appended at this step
+    logprob: float  # the model's log-probability of it
+    argmax: int  # the model's own greedy pick
+    in_top5: bool  # whether the forced token is among the model's 5 most likely
+    kv_slots: int  # valid slots per (layer, KV head) the distribution was computed over
+
+
+@dataclass
 class FinishEvent:
     finish_reason: FinishReason
     usage: Usage
@@ -181,6 +204,7 @@ class FinishEvent:
     matched_stop: str | int | None = None
     session_id: str | None = None
     error: RequestError | None = None  # set with FinishReason.ERROR
+    replay: list[ReplayStep] = field(default_factory=list)  # teacher-forced requests: one record per forced token
 
 
 Event = TokenEvent | EvictionEvent | FinishEvent

@@ -53,3 +53,18 @@ def sample_token(logits: Tensor, params: SamplingParams, generator: torch.Genera
         logits = logits.scatter(0, order, sorted_logits.masked_fill(drop, float("-inf")))
     probs = torch.softmax(logits, dim=-1)
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def forced_steps(logits: Tensor, tokens: list[int], top: int = 5) -> list[tuple[float, int, bool] | None]:
+    """Teacher forcing (evaluation only): the model's view of forced tokens, for a batch of rows [K, V] at once.
+
+    Per row: (log-probability of the forced token, the greedy pick, whether the forced token is in the top
+    `top`); None where the row cannot be sampled (that request fails as a sampled one would)."""
+    logits = logits.float()
+    logprobs = torch.log_softmax(logits, dim=-1)
+    forced = torch.tensor(tokens, device=logits.device)
+    picked = logprobs.gather(1, forced[:, None])[:, 0].tolist()
+    argmax = torch.argmax(logits, dim=-1).tolist()  # the same pick as greedy_tokens
+    in_top = (torch.topk(logits, min(top, logits.shape[-1]), dim=-1).indices == forced[:, None]).any(-1).tolist()
+    bad = unsampleable(logits).tolist()
+    return [None if b else (lp, a, t) for lp, a, t, b in zip(picked, argmax, in_top, bad)]

@@ -71,8 +71,87 @@ def tolerant(parse):
     return deserialize
 
 
+def refuse_evaluation_only(policy: str, description) -> None:
+    """A policy that needs future_attention (an evaluation-only oracle such as golden) cannot serve live traffic:
+    the oracle is computed from the reference trace the request will produce, which no client can send."""
+    if "future_attention" in description.spec.names:
+        raise InvalidRequest(f"{policy} is an evaluation-only oracle: it needs the reference trace's future "
+                             "attention; use it from kvpilot eval / bench pareto / bench fidelity")
+
+
 SESSION_ID_METADATA = "kvpilot-session-id"
 MAX_PROMPT_CHARS_PER_TOKEN = 64  # a text longer than context x this is refused before it is tokenized
+
+
+class Generation:
+    """One accepted Generate call (DecoderServicer.start_generation), whichever front end serves it (gRPC, or the
+    OpenAI-compatible HTTP API): the engine request, its event stream and its `generate` span. `events()` persists
+    the session when the request ends and records the serving metrics; `aclose()` (always call it) aborts the
+    request in the engine if it has not finished, and persists what a cancelled session computed."""
+
+    def __init__(self, servicer: DecoderServicer, request: GenerationRequest, stream, span, started: float,
+                 api: str, operation: str):
+        self.servicer = servicer
+        self.request = request
+        self.final: FinishEvent | None = None
+        self.failure: RequestError | None = None
+        self._stream, self._span, self._started, self._api, self._operation = stream, span, started, api, operation
+        self._events = None
+        self._closed = False
+        self._first_token_at: float | None = None
+        self._last_token_at: float | None = None
+
+    def events(self):
+        """Yields (event, warnings) in order, the last one the FinishEvent (warnings: the session could not be
+        persisted). A request that fails after it was accepted raises its RequestError instead."""
+        if self._events is None:
+            self._events = self._run()
+        return self._events
+
+    async def _run(self):
+        sid = self.request.session_id
+        try:
+            async for event in self._stream:
+                warnings = []
+                if isinstance(event, TokenEvent):
+                    self._last_token_at = time.monotonic()
+                    self._first_token_at = self._first_token_at or self._last_token_at
+                elif isinstance(event, FinishEvent):
+                    self.final = event
+                    if event.session_id:
+                        # Shielded: a client hanging up right now must not leave the store half-written.
+                        warnings = await asyncio.shield(self.servicer.persist_session(event.session_id))
+                yield event, warnings
+                if self.final is not None:
+                    return
+        except RequestError as exc:
+            self.failure = exc
+            if sid:
+                await asyncio.shield(self.servicer.persist_session(sid))  # the history up to the fault stays
+            raise
+        finally:
+            await self._finish()
+
+    async def aclose(self) -> None:
+        if self._events is not None:
+            await self._events.aclose()
+        await self._finish()
+
+    async def _finish(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        await self._stream.aclose()  # aborts the request in the engine if it has not finished
+        sid = self.request.session_id
+        if self.final is None and self.failure is None and sid:
+            # The client went away: what was computed stays in the session, and the durable store must know it
+            # too, or no other decoder could find (or delete) the session.
+            await asyncio.shield(asyncio.ensure_future(self.servicer.persist_session(sid)))
+        telemetry.end_generate_span(self._span, self.final,
+                                    self.failure or (None if self.final else RuntimeError("stream cancelled")))
+        telemetry.serving_metrics().request_ended(
+            self.servicer.model_name, self._api, self._operation, self._started, final=self.final,
+            error=self.failure, first_token_at=self._first_token_at, last_token_at=self._last_token_at)
 
 
 class DecoderServicer:
@@ -93,20 +172,41 @@ class DecoderServicer:
         if isinstance(request, UndecodableRequest):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request could not be parsed: {request.error} "
                                 "(text must be valid UTF-8)")
-        span = None
-        final = None
+        try:
+            generation = await self.start_generation(request, self.principal(context), context.time_remaining())
+        except RequestError as exc:
+            await context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
         failure: RequestError | None = None
-        gen = None
+        try:
+            if generation.request.session_id:
+                await context.send_initial_metadata(((SESSION_ID_METADATA, generation.request.session_id),))
+            async for event, warnings in generation.events():
+                yield to_response(generation.request.request_id, event, warnings)
+        except RequestError as exc:  # the request failed after it was accepted: its status, its stream only
+            failure = exc
+        finally:
+            await generation.aclose()  # aborts the request in the engine if it has not finished
+        if failure is not None:
+            await context.abort(getattr(grpc.StatusCode, failure.code), str(failure))
+
+    async def start_generation(self, request: pb.GenerateRequest, principal: str | None = None,
+                               time_remaining: float | None = None, api: str = "grpc",
+                               operation: str = "text_completion") -> Generation:
+        """Everything Generate does before the first event, shared by the gRPC and the HTTP front end
+        (http_api.py): parse, validate, resolve the policy, load the session, submit. Raises RequestError (its
+        `code` names the status, its message says what to fix); the caller must `aclose()` what it returns."""
+        started = time.monotonic()
+        span = None
         try:
             gen = await self.to_engine_request(request)
-            gen.principal = self.principal(context)
-            remaining = context.time_remaining()
-            if remaining is not None:
-                gen.deadline = time.monotonic() + remaining
+            gen.principal = principal
+            if time_remaining is not None:
+                gen.deadline = time.monotonic() + time_remaining
             if gen.create_session and not gen.session_id:
                 gen.session_id = uuid.uuid4().hex  # chosen here so the client learns it before any token
             span = gen.trace_parent = telemetry.start_generate_span(self.model_name, gen)
             gen.policy_description = await self.engine.describe(gen.compression.policy, gen.compression.params)
+            refuse_evaluation_only(gen.compression.policy, gen.policy_description)
             if gen.session_id:
                 check_session_id(gen.session_id)
                 if gen.create_session:
@@ -117,33 +217,9 @@ class DecoderServicer:
         except RequestError as exc:
             if span is not None:
                 telemetry.end_generate_span(span, error=exc)
-            await context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
-        try:
-            if gen.session_id:
-                await context.send_initial_metadata(((SESSION_ID_METADATA, gen.session_id),))
-            async for event in stream:
-                warnings = []
-                if isinstance(event, FinishEvent):
-                    final = event
-                    if final.session_id:
-                        # Shielded: a client hanging up right now must not leave the store half-written.
-                        warnings = await asyncio.shield(self.persist_session(final.session_id))
-                yield to_response(gen.request_id, event, warnings)
-                if final is not None:
-                    return
-        except RequestError as exc:  # the request failed after it was accepted: its status, its stream only
-            failure = exc
-            if gen.session_id:
-                await asyncio.shield(self.persist_session(gen.session_id))  # the history up to the fault stays
-        finally:
-            await stream.aclose()  # aborts the request in the engine if it has not finished
-            if final is None and failure is None and gen.session_id:
-                # The client went away: what was computed stays in the session, and the durable store must
-                # know it too, or no other decoder could find (or delete) the session.
-                await asyncio.shield(asyncio.ensure_future(self.persist_session(gen.session_id)))
-            telemetry.end_generate_span(span, final, failure or (None if final else RuntimeError("stream cancelled")))
-        if failure is not None:
-            await context.abort(getattr(grpc.StatusCode, failure.code), str(failure))
+            telemetry.serving_metrics().request_ended(self.model_name, api, operation, started, error=exc)
+            raise
+        return Generation(self, gen, stream, span, started, api, operation)
 
     async def to_engine_request(self, request: pb.GenerateRequest) -> GenerationRequest:
         which = request.WhichOneof("input")
@@ -405,15 +481,18 @@ def add_decoder_service(server: grpc.aio.Server, servicer: DecoderServicer) -> N
 
 
 class DecoderServer:
-    """A running decoder: engine thread + grpc.aio server + health + reflection (+ TLS and bearer auth)."""
+    """A running decoder: engine thread + grpc.aio server + health + reflection (+ TLS and bearer auth), and with
+    `http_address` the OpenAI-compatible HTTP API (http_api.py) over the same engine, in the same event loop."""
 
     def __init__(self, engine: Engine, address: str = "127.0.0.1:50051", session_store=None, persist_kv: bool = False,
-                 security=None):
+                 security=None, http_address: str | None = None):
         self.async_engine = AsyncEngine(engine)
         self.session_store = session_store
         self.persist_kv = persist_kv
         self.security = security  # kvpilot_protocol.security.TransportSecurity or None (plaintext, no auth)
         self.address = address
+        self.http_address = http_address  # host:port (port 0 = any free port); None = no HTTP API
+        self.http = None
         self.server: grpc.aio.Server | None = None
         self.health = None
         self._tasks: list[asyncio.Task] = []
@@ -426,6 +505,12 @@ class DecoderServer:
         self.servicer = DecoderServicer(self.async_engine, self.session_store, self.persist_kv, auth)
         add_decoder_service(self.server, self.servicer)
         self.address, self.health = await start_grpc_server(self.server, self.address, SERVICE_NAME, self.security)
+        telemetry.serving_metrics().watch(self, self.gauge_state)
+        if self.http_address is not None:
+            from decoder_service.http_api import HttpServer
+
+            self.http = HttpServer(self.servicer, self.security)
+            self.http_address = await self.http.start(self.http_address)
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._watch_engine()), loop.create_task(self._reconcile())]
         return self.address
@@ -451,9 +536,18 @@ class DecoderServer:
         for service in ("", SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
 
+    def gauge_state(self) -> dict:
+        """What the serving gauges read (plain reads of the engine's counters, from the metrics reader's thread)."""
+        engine = self.async_engine.engine
+        return dict(running=len(engine.running), waiting=len(engine.waiting), pool_blocks=engine.pool.num_blocks,
+                    pool_free_blocks=engine.pool.free_blocks)
+
     async def stop(self, grace: float = 2.0) -> None:
         for task in self._tasks:
             task.cancel()
+        telemetry.serving_metrics().unwatch(self)
+        if self.http is not None:
+            await self.http.stop(grace)
         if self.health is not None:
             await self.health.enter_graceful_shutdown()
         if self.server is not None:
@@ -478,5 +572,10 @@ class BackgroundServer(_BackgroundServer):
     """A DecoderServer on its own event-loop thread (the demo, tests, benchmarks)."""
 
     def __init__(self, engine: Engine, address: str = "127.0.0.1:0", session_store=None, persist_kv: bool = False,
-                 security=None):
-        super().__init__(DecoderServer(engine, address, session_store, persist_kv, security), name="kvpilot-grpc")
+                 security=None, http_address: str | None = None):
+        super().__init__(DecoderServer(engine, address, session_store, persist_kv, security, http_address),
+                         name="kvpilot-grpc")
+
+    @property
+    def http_address(self) -> str | None:
+        return self.server.http_address

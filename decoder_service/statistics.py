@@ -5,7 +5,11 @@ Only what the policy declares (a StatsSpec) is computed. Two kinds:
            ring of the last queries (with their positions) for window / last-query attention. Aligned with
            the sequence's logical slots [L, H, capacity] and gathered with the same plan as the KV.
   on demand computed from the cached K/V when a frame is taken: norms, value range, R-KV redundancy,
-           random projections, window attention of the query ring, positions, token and segment ids.
+           random projections, window attention of the query ring, positions, token and segment ids, the
+           mean pre-RoPE key (RoPE undone at each slot's position) and TriAttention's trigonometric scores
+           (from the model's calibration: decoder_service/calibration.py).
+  oracle   evaluation only: `future_attention`, read from the request's reference-trace oracle
+           (decoder_service/oracle.py) at the compression point.
 """
 from __future__ import annotations
 
@@ -16,7 +20,9 @@ import torch
 from torch import Tensor
 
 import kernels
+from decoder_service.calibration import TrigCalibration, pre_rope_keys, trig_scores
 from decoder_service.kv_pool import SequenceKV
+from decoder_service.oracle import FutureAttention
 from kvpilot_protocol.frame import StatsFrame
 from kvpilot_protocol.policy import StatsSpec
 
@@ -134,14 +140,20 @@ class SequenceStatistics:
 
 def build_frame(frame_id: int, session_id: str, kv: SequenceKV, stats: SequenceStatistics | None, spec: StatsSpec,
                 position_tokens: list[int], tool_segments: list[tuple[int, int, int]], *, keep: int, sinks: int,
-                window: int, num_heads: int, step: int, seed: int) -> StatsFrame:
-    """position_tokens: the token fed at each logical position; tool_segments: (start, end, index) in positions."""
+                window: int, num_heads: int, step: int, seed: int, prompt_len: int = 0,
+                rope_inv_freq: Tensor | None = None, calibration: TrigCalibration | None = None,
+                oracle: FutureAttention | None = None, next_position: int | None = None) -> StatsFrame:
+    """position_tokens: the token fed at each logical position; tool_segments: (start, end, index) in positions;
+    prompt_len: positions below it are the first turn's prompt. rope_inv_freq (the model's rotary inverse
+    frequencies [D/2]) is needed for keys_pre_rope_mean and trig_scores, calibration for trig_scores.
+    oracle (evaluation only: the request's reference-trace oracle) is needed for future_attention, read at
+    next_position, the logical position of the next token to be fed (default: one past the newest slot)."""
     n = kv.n
     dense = kv.dense()
     L, H = dense.k.shape[:2]
     frame = StatsFrame(frame_id=frame_id, session_id=session_id, n=n, keep=keep, sinks=sinks, window=window,
                        num_layers=L, num_kv_heads=H, num_heads=num_heads, step=step, seed=seed,
-                       tool_segments=list(tool_segments), device=dense.k.device)
+                       tool_segments=list(tool_segments), device=dense.k.device, prompt_len=prompt_len)
     names = spec.names
     keys, values, positions = dense
     out = frame.stats
@@ -170,8 +182,23 @@ def build_frame(frame_id: int, session_id: str, kv: SequenceKV, stats: SequenceS
         g = (torch.randn(keys.shape[-1], rank, generator=gen) / math.sqrt(rank)).to(keys.device)
         out["kv_projection"] = torch.stack(
             [(keys.float() @ g).pow(2).sum(-1), (values.float() @ g).pow(2).sum(-1)], dim=-1)
+    if names & {"keys_pre_rope_mean", "trig_scores"} and rope_inv_freq is None:
+        raise ValueError("keys_pre_rope_mean and trig_scores need the model's rotary frequencies (rope_inv_freq)")
     if "keys_pre_rope_mean" in names:
-        out["keys_pre_rope_mean"] = torch.nn.functional.normalize(keys.float(), dim=-1).mean(dim=(0, 1))
+        # Each row is un-rotated at its own positions, then slot i is averaged over the rows: one token's vector
+        # when every row holds the same positions (global keep sets), a blend of tokens otherwise.
+        pre = pre_rope_keys(keys, positions, rope_inv_freq)
+        out["keys_pre_rope_mean"] = torch.nn.functional.normalize(pre, dim=-1).mean(dim=(0, 1))
+    if "trig_scores" in names:
+        if calibration is None:
+            raise ValueError("trig_scores needs the model's TriAttention calibration (kvpilot calibrate --model DIR)")
+        now = int(positions.max()) + 1 if n else 0  # the position of the next token
+        out["trig_scores"] = trig_scores(calibration, keys, rope_inv_freq, now)
+    if "future_attention" in names:
+        if oracle is None:
+            raise ValueError("future_attention needs the request's oracle (evaluation only: GenerationRequest.oracle)")
+        now = next_position if next_position is not None else (int(positions.max()) + 1 if n else 0)
+        out["future_attention"] = oracle.lookup(positions, now)
     if names & {"positions", "token_ids", "segment_ids"}:
         out["positions"] = positions.clone()
     if "token_ids" in names:

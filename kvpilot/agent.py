@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
-from typing import TextIO
+from typing import Callable, TextIO
 
 from decoder_service.engine import Engine
+from decoder_service.oracle import FutureAttention
 from decoder_service.requests import (
     CompressionConfig,
     EvictionEvent,
@@ -40,6 +41,10 @@ class EpisodeResult:
     fallbacks: int = 0
     finish: str = ""
     evictions: list[EvictionEvent] = field(default_factory=list)
+    # The whole sequence at the end (<bos>, prompt, model turns, tool outputs: the session's history) and its
+    # segments (start, end, kind) with kind user / tool / model: a reference trace for golden and replay.
+    token_ids: list[int] = field(default_factory=list, repr=False)
+    segments: list[tuple[int, int, str]] = field(default_factory=list, repr=False)
 
     def add_turn(self, text: str, usage) -> None:
         """Fold one turn's final text and usage (engine Usage or the protobuf's) into the episode totals."""
@@ -65,13 +70,17 @@ class EpisodeRunner:
     """Drives episodes on an in-process engine, all concurrently."""
 
     def __init__(self, engine: Engine, compression: CompressionConfig | None = None, max_turns: int = 32,
-                 temperature: float = 0.0, seed: int = 0):
+                 temperature: float = 0.0, seed: int = 0, oracle: Callable[[int], FutureAttention] | None = None):
+        """`oracle(i)` (evaluation only, golden): episode i's oracle, computed when the episode starts and
+        dropped when it ends, so at most `max_running` of them are held at once."""
         self.engine = engine
         self.tokenizer = engine.tokenizer
         self.compression = compression or CompressionConfig()
         self.max_turns = max_turns
         self.temperature = temperature
         self.seed = seed
+        self.oracle = oracle
+        self.oracles: dict[int, FutureAttention] = {}  # episodes in flight -> their oracle
 
     def run(self, episodes: list[Episode], progress=None) -> list[EpisodeResult]:
         """Run all episodes, at most `max_running` of the engine at a time; `progress(done)` after each step."""
@@ -94,6 +103,8 @@ class EpisodeRunner:
         room = self.engine.model_config.max_position_embeddings - result.total_tokens - len(input_ids) - 2
         allowance = episode.generation_limit - result.generated_tokens
         session_id = f"episode-{index}-{id(self)}"
+        if first and self.oracle is not None:
+            self.oracles[index] = self.oracle(index)
         request = GenerationRequest(
             request_id=f"{session_id}-t{result.turns}",
             input_ids=input_ids,
@@ -104,6 +115,7 @@ class EpisodeRunner:
             session_id=session_id,
             create_session=first,
             input_kind=SegmentKind.USER if first else SegmentKind.TOOL,
+            oracle=self.oracles.get(index),
         )
         # Called from inside the engine's callbacks for later turns: queued now, admitted on a later step.
         self.engine.add_request(request, lambda ev: self._on_event(index, result, session_id, ev))
@@ -116,7 +128,10 @@ class EpisodeRunner:
             return
         result.add_turn(event.text, event.usage)
         session = self.engine.store.get(session_id)
-        result.total_tokens = len(session.token_ids) if session else result.total_tokens
+        if session is not None:
+            result.total_tokens = len(session.token_ids)
+            result.token_ids = list(session.token_ids)
+            result.segments = [(s.start, s.end, s.kind) for s in session.segments]
         reply = None
         if (event.finish_reason is FinishReason.STOP and result.turns < self.max_turns
                 and result.generated_tokens < result.episode.generation_limit):
@@ -130,6 +145,7 @@ class EpisodeRunner:
         result.finish = event.finish_reason.value
         result.answered = result.episode.extract_answer(result.text) is not None
         result.correct = result.episode.is_correct(result.text)
+        self.oracles.pop(index, None)
         self.engine.delete_session(session_id)
 
 

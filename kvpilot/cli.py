@@ -1,4 +1,4 @@
-"""`kvpilot` command line: serve, generate, demo, policies, train-model, eval, bench."""
+"""`kvpilot` command line: serve, generate, demo, policies, train-model, eval, bench, calibrate."""
 from __future__ import annotations
 
 import argparse
@@ -21,7 +21,11 @@ def cmd_serve(args) -> int:
         engine = build_engine(runtime_options(args))
     except ValueError as exc:
         raise SystemExit(f"error: {exc}") from None
-    setup_telemetry("kvpilot-decoder")
+    http_address = None
+    if args.http_port is not None:
+        host = args.http_host or args.address.rpartition(":")[0] or "127.0.0.1"
+        http_address = f"{host}:{args.http_port}"
+    setup_telemetry("kvpilot-decoder", prometheus=http_address is not None)  # /metrics reads the OTel metrics
     engine.store.ttl_s = args.session_ttl  # the engine's own copy expires like the durable one
 
     async def main() -> None:
@@ -31,12 +35,16 @@ def cmd_serve(args) -> int:
 
             store = make_session_store(args.redis_url, ttl_s=args.session_ttl)
         server = DecoderServer(engine, args.address, session_store=store, persist_kv=args.persist_kv,
-                               security=security)
+                               security=security, http_address=http_address)
         await server.start()
         tls = "TLS" if security is not None and security.tls else "plaintext"
         auth = "bearer auth" if security is not None and security.auth is not None else "no auth"
         print(f"kvpilot decoder serving {engine.loaded.name} on {server.address} ({tls}, {auth}; "
               f"KV pool {engine.pool.capacity_bytes / 2**20:.0f} MiB, {engine.pool.capacity_slots} slots)", flush=True)
+        if server.http_address is not None:
+            scheme = "https" if security is not None and security.tls else "http"
+            print(f"OpenAI-compatible HTTP API on {scheme}://{server.http_address}/v1 (health /health, "
+                  "metrics /metrics)", flush=True)
         await server.serve_forever()
 
     asyncio.run(main())
@@ -99,7 +107,9 @@ def cmd_policies(args) -> int:
 
     for name in sorted(POLICIES):
         doc = (POLICIES[name].__doc__ or "").strip().splitlines()
-        print(f"{name:16s} {doc[0] if doc else ''}")
+        # Evaluation-only oracles (golden) run from kvpilot eval / bench only; the server refuses them.
+        tag = "[eval only] " if POLICIES[name].eval_only else ""
+        print(f"{name:16s} {tag}{doc[0] if doc else ''}")
     return 0
 
 
@@ -120,6 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--redis-url", help="durable session store shared by decoders (e.g. redis://127.0.0.1:6379/0)")
     p.add_argument("--persist-kv", action="store_true", help="also persist each session's compressed KV snapshot")
     p.add_argument("--session-ttl", type=float, default=3600.0, help="seconds an idle session is kept")
+    p.add_argument("--http-port", type=int, default=None,
+                   help="also serve the OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, "
+                        "/v1/models, /health, /metrics) on this port (0 = any free port; default: off)")
+    p.add_argument("--http-host", help="host the HTTP API binds (default: the host of --address)")
     from kvpilot_protocol.security import add_client_arguments, add_server_arguments
 
     add_server_arguments(p)
@@ -150,6 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=int, default=0)
     p.set_defaults(func=cmd_demo)
 
+    p = sub.add_parser("calibrate", help="measure a model's TriAttention query centres (written beside it)")
+    from kvpilot import calibration
+
+    calibration.add_arguments(p)
+
     p = sub.add_parser("eval", help="accuracy of a policy on the bundled tasks through the real engine")
     from kvpilot import evaluate
 
@@ -162,6 +181,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = bench.add_parser("pareto", help="accuracy vs KV budget for every policy (CSV + PNG + AUC)")
     pareto.add_arguments(p)
     p.set_defaults(func=pareto.run)
+
+    from kvpilot.bench import fidelity
+
+    p = bench.add_parser("fidelity", help="teacher-forced replay fidelity per policy and budget (CSV + PNG)")
+    fidelity.add_arguments(p)
+    p.set_defaults(func=fidelity.run)
 
     p = sub.add_parser("policy", help="the policy service")
     from policy_service.cli import add_arguments as add_policy_arguments

@@ -3,6 +3,12 @@
 Reports exact-match accuracy, answered rate, mean trace length (tokens of the whole episode sequence: prompt,
 tool outputs, model text), peak KV slots and evictions; appends a row to a CSV. A budget can be given in
 slots (`--budget`) or as a fraction of the task's mean reference sequence length (`--budget-frac`).
+
+Policy `golden` (the evaluation-only oracle, decoder_service/oracle.py) needs each episode's future: every
+episode first runs with the full cache (greedy: the model's own answer), the oracle is computed from that
+reference trace, and then the golden run generates with it. In free generation the oracle is exact only while
+the golden run follows the reference token for token; once it diverges, it reads the reference's attention
+at the same positions (and past the reference's end it has none; see policy_service/scorers/golden.py).
 """
 from __future__ import annotations
 
@@ -13,6 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from decoder_service.engine import Engine, validate_compression
+from decoder_service.oracle import reference_oracle
 from decoder_service.requests import CompressionConfig, RequestError
 from kvpilot.agent import EpisodeResult, EpisodeRunner
 from kvpilot.tasks import DIFFICULTIES, TASKS, make_episode
@@ -59,10 +66,22 @@ def compression_for(policy: str, budget: int, interval: int = 8, window: int = 8
 
 
 def evaluate(engine: Engine, task: str, episodes, compression: CompressionConfig, budget_frac: float = 1.0,
-             progress=None) -> tuple[EvalRow, list[EpisodeResult]]:
-    validate_compression(compression, engine.model_config.max_position_embeddings, engine.describe)
+             progress=None, references: list[EpisodeResult] | None = None) -> tuple[EvalRow, list[EpisodeResult]]:
+    """Run the episodes under `compression`. A policy that declares future_attention (golden) gets each
+    episode's oracle from its full-cache reference: `references` (the same episodes' full-cache results,
+    e.g. pareto's full row) or, without them, a full-cache run made here first (counted in `seconds`)."""
+    description = validate_compression(compression, engine.model_config.max_position_embeddings, engine.describe)
     start = time.monotonic()
-    results = EpisodeRunner(engine, compression).run(episodes, progress=progress)
+    oracle = None
+    if "future_attention" in description.spec.names:
+        if references is None:
+            references = EpisodeRunner(engine, compression_for("full", 0)).run(episodes)
+        traces = [r.token_ids for r in references]
+        if len(traces) != len(episodes) or not all(traces):
+            raise ValueError("golden needs one full-cache reference trace per episode")
+        oracle = lambda i: reference_oracle(engine.model, traces[i], compression.interval,  # noqa: E731
+                                            compression.budget)
+    results = EpisodeRunner(engine, compression, oracle=oracle).run(episodes, progress=progress)
     n = len(results)
     row = EvalRow(
         task=task, difficulty=episodes[0].difficulty, policy=compression.policy, budget=compression.budget,

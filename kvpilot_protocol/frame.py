@@ -23,7 +23,13 @@ STATISTICS = {
     "value_range": "[L, H, n] max - min over the value vector's dimensions (VaSE)",
     "key_redundancy": "[L, H, n] R-KV redundancy: softmax over slots of mean cosine similarity to other keys",
     "kv_projection": "[L, H, n, 2] (|k G|^2, |v G|^2) for a Gaussian G [D, r] drawn from the frame's seed (VaSE-DKV)",
-    "keys_pre_rope_mean": "[n, D] mean over layers and KV heads of L2-normalised keys (CASK similarity)",
+    "keys_pre_rope_mean": "[n, D] mean over layers and KV heads of L2-normalised pre-RoPE keys (CASK similarity; "
+                          "slot i averages every row's slot i: meaningful when all rows hold the same positions)",
+    "trig_scores": "[L, Hq, n] TriAttention's raw score of each key per query head, from the model's calibration "
+                   "(decoder_service/calibration.py) at the next token's position",
+    "future_attention": "[L, H, n] evaluation only (golden): max over the future blocks of `interval` queries "
+                        "(from the next position on) of the reference trace's attention to the slot, averaged "
+                        "over the block's queries and the KV group (decoder_service/oracle.py)",
     "positions": "[L, H, n] logical position of each slot",
     "token_ids": "[L, H, n] token id at each slot's position",
     "segment_ids": "[L, H, n] tool-output segment index of each slot (-1 outside tool outputs)",
@@ -48,6 +54,7 @@ class StatsFrame:
     stats: dict[str, Tensor] = field(default_factory=dict)
     tool_segments: list[tuple[int, int, int]] = field(default_factory=list)  # (start pos, end pos, index)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # where the statistics live
+    prompt_len: int = 0  # logical positions < prompt_len hold the first turn's prompt (a session's first turn)
 
     @property
     def group_size(self) -> int:
@@ -71,6 +78,7 @@ class KeepSet:
     """Slots to keep: global [k] (same for every layer and head) or per head [L, H, k]. Sorted ascending."""
 
     indices: Tensor
+    guards: tuple[str, ...] = ()  # regime guards that fired while planning (CASK), reported with the event
 
     @property
     def per_head(self) -> bool:
@@ -90,6 +98,7 @@ class MergePlanSpec:
     groups: list[list[int]]
     weights: list[list[float]]
     anchors: list[int]
+    guards: tuple[str, ...] = ()
 
     @property
     def count(self) -> int:
@@ -101,6 +110,7 @@ class SpanDrop:
     """Token ranges [start, end) in logical positions to drop (model-driven policies: obsolete tool outputs)."""
 
     spans: list[tuple[int, int]]
+    guards: tuple[str, ...] = ()
 
 
 Plan = KeepSet | MergePlanSpec | SpanDrop

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
+import time
 
 from opentelemetry import context as otel_context
 from opentelemetry import metrics, trace
@@ -21,27 +23,54 @@ LATENCY_BUCKETS_S = [1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1
 _propagator = TraceContextTextMapPropagator()
 
 
-def setup_telemetry(service_name: str) -> bool:
-    """Install OTLP trace and metric exporters if the environment asks for them. Returns whether it did."""
+def setup_telemetry(service_name: str, prometheus: bool = False) -> bool:
+    """Install OTLP trace and metric exporters if the environment asks for them, and with `prometheus` a
+    Prometheus reader of every metric here (rendered by `prometheus_text()`: the HTTP API's /metrics). Returns
+    whether it installed a provider (the global providers are set-once)."""
     wanted = any(os.environ.get(v) for v in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")) \
         or os.environ.get("OTEL_TRACES_EXPORTER") == "otlp"
-    if not wanted:
+    if not wanted and not prometheus:
         return False
-    from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
-    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
     from opentelemetry.sdk.metrics import MeterProvider
-    from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
     from opentelemetry.sdk.resources import Resource
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
     resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", service_name)})
-    tracer_provider = TracerProvider(resource=resource)
-    tracer_provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
-    trace.set_tracer_provider(tracer_provider)
-    metrics.set_meter_provider(MeterProvider(resource=resource,
-                                             metric_readers=[PeriodicExportingMetricReader(OTLPMetricExporter())]))
+    readers = [prometheus_reader()] if prometheus else []
+    if wanted:
+        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+        from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+        tracer_provider = TracerProvider(resource=resource)
+        tracer_provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+        trace.set_tracer_provider(tracer_provider)
+        readers.append(PeriodicExportingMetricReader(OTLPMetricExporter()))
+    metrics.set_meter_provider(MeterProvider(resource=resource, metric_readers=readers))
     return True
+
+
+_prometheus_reader = None
+
+
+def prometheus_reader():
+    """The process's one OpenTelemetry -> Prometheus reader (it registers itself in prometheus_client's default
+    registry); give it to the MeterProvider (setup_telemetry does) and /metrics shows every OTel metric."""
+    global _prometheus_reader
+    if _prometheus_reader is None:
+        from opentelemetry.exporter.prometheus import PrometheusMetricReader
+
+        _prometheus_reader = PrometheusMetricReader()
+    return _prometheus_reader
+
+
+def prometheus_text() -> tuple[bytes, str]:
+    """The Prometheus exposition of prometheus_client's default registry (the OTel metrics when the provider has
+    `prometheus_reader()`, plus process and Python metrics) and its content type."""
+    from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
 
 
 def tracer() -> trace.Tracer:
@@ -171,3 +200,108 @@ class DecoderMetrics:
                 "kvpilot.kv.memory.usage", unit="By", description="KV bytes held by valid slots",
                 callbacks=[lambda options: [metrics.Observation(pool.used_bytes, {"kvpilot.kind": "used"}),
                                             metrics.Observation(pool.reserved_bytes, {"kvpilot.kind": "reserved"})]])
+
+
+# ---- serving metrics (both front ends: gRPC Generate and the OpenAI-compatible HTTP API) -----------------------
+# Bucket boundaries of the OpenTelemetry GenAI semantic conventions (time per output token with finer low buckets:
+# a small model decodes a token in about a millisecond).
+TTFT_BUCKETS_S = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0]
+TPOT_BUCKETS_S = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5]
+DURATION_BUCKETS_S = [0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92]
+# gauge name, key of the watched state, unit, description
+SERVING_GAUGES = (
+    ("kvpilot.requests.running", "running", "{request}", "sequences being decoded or prefilled"),
+    ("kvpilot.requests.waiting", "waiting", "{request}", "requests queued for admission (KV memory, batch room)"),
+    ("kvpilot.kv.pool.blocks", "pool_blocks", "{block}", "KV pool blocks in all"),
+    ("kvpilot.kv.pool.free_blocks", "pool_free_blocks", "{block}", "KV pool blocks no sequence or session holds"),
+)
+
+
+class ServingMetrics:
+    """Per-request serving metrics (OpenTelemetry GenAI server names where they exist: gen_ai.server.request.duration,
+    .time_to_first_token, .time_per_output_token) and the scheduler / KV pool gauges of the watched decoders. One per
+    process (`serving_metrics()`): the SDK keeps the first instrument of a name, so instruments are made once."""
+
+    def __init__(self):
+        meter = metrics.get_meter(TRACER_NAME)
+        self.requests = meter.create_counter(
+            "kvpilot.requests", unit="{request}",
+            description="requests ended, by outcome (eos, stop, length, abort, error) and API (grpc, http)")
+        self.tokens = meter.create_counter(
+            "kvpilot.tokens", unit="{token}",
+            description="prompt (gen_ai.token.type=input) and generated (output) tokens of finished requests")
+        self.duration = meter.create_histogram(
+            "gen_ai.server.request.duration", unit="s", explicit_bucket_boundaries_advisory=DURATION_BUCKETS_S,
+            description="request received -> last token or error (refused requests included, with error.type)")
+        self.ttft = meter.create_histogram(
+            "gen_ai.server.time_to_first_token", unit="s", explicit_bucket_boundaries_advisory=TTFT_BUCKETS_S,
+            description="request received -> first generated token (queueing and prefill included)")
+        self.tpot = meter.create_histogram(
+            "gen_ai.server.time_per_output_token", unit="s", explicit_bucket_boundaries_advisory=TPOT_BUCKETS_S,
+            description="time per generated token after the first")
+        self._sources: dict[object, object] = {}
+        self._lock = threading.Lock()
+        for name, key, unit, description in SERVING_GAUGES:
+            meter.create_observable_gauge(name, unit=unit, description=description, callbacks=[self._observer(key)])
+        meter.create_observable_gauge("kvpilot.kv.pool.usage", unit="1", callbacks=[self._usage],
+                                      description="fraction of the KV pool's blocks in use")
+
+    def watch(self, key, state) -> None:
+        """Add a decoder to the gauges: `state()` returns a dict with the SERVING_GAUGES keys (summed over decoders)."""
+        with self._lock:
+            self._sources[key] = state
+
+    def unwatch(self, key) -> None:
+        with self._lock:
+            self._sources.pop(key, None)
+
+    def _states(self) -> list[dict]:
+        with self._lock:
+            sources = list(self._sources.values())
+        return [state() for state in sources]
+
+    def _observer(self, key: str):
+        def observe(options):
+            states = self._states()
+            return [metrics.Observation(sum(s[key] for s in states))] if states else []
+        return observe
+
+    def _usage(self, options):
+        states = self._states()
+        total = sum(s["pool_blocks"] for s in states)
+        if not total:
+            return []
+        return [metrics.Observation(1.0 - sum(s["pool_free_blocks"] for s in states) / total)]
+
+    def request_ended(self, model: str, api: str, operation: str, started: float, *, final=None, error=None,
+                      first_token_at: float | None = None, last_token_at: float | None = None) -> None:
+        """Record one request: `final` is its FinishEvent, `error` its RequestError (code = the gRPC status);
+        neither means the client went away. Times are time.monotonic()."""
+        attributes = {"gen_ai.operation.name": operation, "gen_ai.request.model": model, "kvpilot.api": api}
+        ended = dict(attributes)
+        if error is not None:
+            ended["error.type"] = getattr(error, "code", type(error).__name__)
+        self.duration.record(time.monotonic() - started, ended)
+        outcome = "error" if error is not None else final.finish_reason.value if final is not None else "abort"
+        self.requests.add(1, ended | {"outcome": outcome})
+        if final is None or error is not None:
+            return
+        usage = final.usage
+        self.tokens.add(usage.prompt_tokens, attributes | {"gen_ai.token.type": "input"})
+        self.tokens.add(usage.generated_tokens, attributes | {"gen_ai.token.type": "output"})
+        if first_token_at is not None:
+            self.ttft.record(first_token_at - started, attributes)
+            if usage.generated_tokens > 1 and last_token_at is not None:
+                self.tpot.record((last_token_at - first_token_at) / (usage.generated_tokens - 1), attributes)
+
+
+_serving_metrics: ServingMetrics | None = None
+_serving_lock = threading.Lock()
+
+
+def serving_metrics() -> ServingMetrics:
+    global _serving_metrics
+    with _serving_lock:
+        if _serving_metrics is None:
+            _serving_metrics = ServingMetrics()
+        return _serving_metrics

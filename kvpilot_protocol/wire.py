@@ -42,7 +42,7 @@ def tensor_from_pb(m: pb.Tensor) -> torch.Tensor:
 def frame_to_pb(frame: StatsFrame, policy: str, params: dict[str, str], request_id: str = "") -> pb.StatsFrame:
     return pb.StatsFrame(
         frame_id=frame.frame_id, session_id=frame.session_id, request_id=request_id, policy=policy, params=params,
-        n=frame.n,
+        n=frame.n, prompt_len=frame.prompt_len,
         keep=frame.keep, sinks=frame.sinks, window=frame.window, num_layers=frame.num_layers,
         num_kv_heads=frame.num_kv_heads, num_heads=frame.num_heads, step=frame.step, seed=frame.seed,
         stats={name: tensor_to_pb(t) for name, t in frame.stats.items()},
@@ -55,7 +55,7 @@ def frame_from_pb(m: pb.StatsFrame) -> StatsFrame:
         frame_id=m.frame_id, session_id=m.session_id, n=m.n, keep=m.keep, sinks=m.sinks, window=m.window,
         num_layers=m.num_layers, num_kv_heads=m.num_kv_heads, num_heads=m.num_heads, step=m.step, seed=m.seed,
         stats={name: tensor_from_pb(t) for name, t in m.stats.items()},
-        tool_segments=[(s.start, s.end, s.index) for s in m.tool_segments],
+        tool_segments=[(s.start, s.end, s.index) for s in m.tool_segments], prompt_len=m.prompt_len,
     )
 
 
@@ -80,6 +80,7 @@ def decision_to_pb(d: Decision, session_id: str = "", replica: str = "", error: 
         m.span_drop.spans.extend(pb.Span(start=s, end=e) for s, e in plan.spans)
     else:
         raise TypeError(f"cannot serialise plan {type(plan).__name__}")
+    m.guards.extend(getattr(plan, "guards", ()))
     return m
 
 
@@ -97,6 +98,8 @@ def decision_from_pb(m: pb.Decision) -> Decision:
                              anchors=tensor_from_pb(m.merge.anchors).tolist())
     elif which == "span_drop":
         plan = SpanDrop([(s.start, s.end) for s in m.span_drop.spans])
+    if plan is not None and m.guards:
+        plan.guards = tuple(m.guards)
     return Decision(frame_id=m.frame_id, plan=plan, policy=m.policy, seed=m.seed, latency_s=m.latency_ms / 1e3,
                     note=m.error)
 

@@ -5,7 +5,9 @@ import dataclasses
 
 from kvpilot_protocol.policy import PolicyDescription
 from policy_service.scorers.base import Scorer
+from policy_service.scorers.cask import CASK
 from policy_service.scorers.full import Full
+from policy_service.scorers.golden import Golden
 from policy_service.scorers.h2o import H2O
 from policy_service.scorers.knorm import Knorm
 from policy_service.scorers.random_policy import Random
@@ -13,13 +15,20 @@ from policy_service.scorers.rkv import RKV
 from policy_service.scorers.snapkv import SnapKV
 from policy_service.scorers.streaming_llm import StreamingLLM
 from policy_service.scorers.tova import TOVA
+from policy_service.scorers.triattention import TriAttention
 from policy_service.scorers.vase import VaSE
 
-POLICIES: dict[str, type[Scorer]] = {cls.name: cls for cls in (Full, Random, StreamingLLM, H2O, TOVA, SnapKV, Knorm, RKV, VaSE)}
+POLICIES: dict[str, type[Scorer]] = {cls.name: cls for cls in (Full, Random, StreamingLLM, H2O, TOVA, SnapKV, Knorm, RKV, VaSE, CASK,
+                                                             TriAttention, Golden)}
 
 
 def available_policies() -> list[str]:
     return sorted(POLICIES)
+
+
+def serving_policies() -> list[str]:
+    """The policies a decoder can serve live: all but the evaluation-only oracles (golden)."""
+    return [name for name in available_policies() if not POLICIES[name].eval_only]
 
 
 def policy_class(name: str) -> type[Scorer]:

@@ -14,7 +14,8 @@ os.environ.setdefault("KVPILOT_HOME", os.path.join(os.path.dirname(__file__), ".
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 # One OpenTelemetry SDK setup for the whole run (the global providers are set-once): spans go to an
-# in-memory exporter, metrics to an in-memory reader; tests read them through the fixtures below.
+# in-memory exporter, metrics to an in-memory reader (and to the Prometheus reader the HTTP API's /metrics renders,
+# as `kvpilot serve --http-port` sets it up); tests read them through the fixtures below.
 from opentelemetry import metrics as otel_metrics  # noqa: E402
 from opentelemetry import trace as otel_trace  # noqa: E402
 from opentelemetry.sdk.metrics import MeterProvider  # noqa: E402
@@ -28,8 +29,11 @@ _tracer_provider = TracerProvider()
 _tracer_provider.add_span_processor(SimpleSpanProcessor(SPANS))
 otel_trace.set_tracer_provider(_tracer_provider)
 METRICS = InMemoryMetricReader()
-otel_metrics.set_meter_provider(MeterProvider(metric_readers=[METRICS]))
+from kvpilot_protocol.telemetry import prometheus_reader  # noqa: E402
 
+otel_metrics.set_meter_provider(MeterProvider(metric_readers=[METRICS, prometheus_reader()]))
+
+from decoder_service import calibration  # noqa: E402
 from decoder_service.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from decoder_service.engine import Engine, EngineConfig  # noqa: E402
 from decoder_service.model import ModelConfig, Transformer  # noqa: E402
@@ -61,16 +65,22 @@ def tokenizer_json(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def make_checkpoint(tmp_path_factory, tokenizer_json):
-    """make_checkpoint(family, seed=0, **config overrides) -> directory of a saved random-weight model."""
+    """make_checkpoint(family, seed=0, calibrate=True, **config overrides) -> directory of a saved random-weight
+    model; with calibrate, its TriAttention calibration (from random tokens) beside it, so every policy runs."""
     cache = {}
 
-    def make(family: str = "llama", seed: int = 0, shard_bytes: int | None = None, **overrides):
-        key = (family, seed, shard_bytes, tuple(sorted(overrides.items())))
+    def make(family: str = "llama", seed: int = 0, shard_bytes: int | None = None, calibrate: bool = True,
+             **overrides):
+        key = (family, seed, shard_bytes, calibrate, tuple(sorted(overrides.items())))
         if key not in cache:
             config = tiny_config(300, family, **overrides)
             model = Transformer(config).init_random(seed, std=0.1)
             out = tmp_path_factory.mktemp(f"{family}-{seed}")
             cache[key] = save_checkpoint(model, tokenizer_json, out, max_shard_bytes=shard_bytes)
+            if calibrate:
+                tokens = torch.randint(2, 300, (4, 96), generator=torch.Generator().manual_seed(seed)).tolist()
+                calibration.calibrate(model, tokens, weights_sha256=calibration.weights_fingerprint(out)).save(
+                    out / calibration.CALIBRATION_FILE)
         return cache[key]
 
     return make

@@ -11,10 +11,10 @@ from decoder_service.requests import (
     GenerationRequest,
     SamplingParams,
 )
-from policy_service.registry import available_policies
+from policy_service.registry import serving_policies
 
 PROMPT = list(range(3, 163))  # 160 tokens + <bos>
-COMPRESSING = [p for p in available_policies() if p != "full"]
+COMPRESSING = [p for p in serving_policies() if p != "full"]  # golden (eval only): tests/test_golden.py
 
 
 def request(policy="h2o", budget=48, n=60, seed=5, interval=8, window=8, sinks=4, prompt=PROMPT, **params):
@@ -68,8 +68,9 @@ def test_bounded_footprint_prefill_included(make_engine, policy):
     assert evictions and all(e.slots_after == c.budget for e in evictions)
     assert final.usage.evicted_tokens == sum(e.evicted for e in evictions)
     assert final.usage.compression_events == len(evictions)
-    # The whole sequence went through: 161 prompt + 59 fed-back tokens, most of them evicted.
-    assert final.usage.evicted_tokens == 161 + 59 - FINAL[seq.id][0]
+    # The whole sequence went through: 161 prompt + 59 fed-back tokens, most of them evicted or merged (CASK).
+    assert final.usage.merged_tokens == sum(e.merged for e in evictions)
+    assert final.usage.evicted_tokens + final.usage.merged_tokens == 161 + 59 - FINAL[seq.id][0]
 
 
 def test_evicted_slots_are_really_free(make_engine):

@@ -32,7 +32,7 @@ from decoder_service.server import SESSION_ID_METADATA, BackgroundServer
 from kvpilot.client import build_request, connect
 from kvpilot_protocol.v1 import decoder_pb2 as pb
 from policy_service.local import InProcessPolicy
-from policy_service.registry import available_policies
+from policy_service.registry import serving_policies
 from policy_service.scorers.streaming_llm import StreamingLLM
 
 PROMPT = list(range(3, 123))
@@ -353,7 +353,7 @@ def test_every_policy_runs_without_fallbacks(make_engine):
     """The whole policy matrix through the engine: a scorer that built a tensor on the wrong device, or failed
     in any other way, would show up as a fallback."""
     engine = make_engine()
-    policies = [p for p in available_policies() if p != "full"]
+    policies = [p for p in serving_policies() if p != "full"]  # golden needs an oracle: tests/test_golden.py
     events = collect(engine, [greedy(p, policy=p, budget=40, n=40) for p in policies])
     for p in policies:
         done = final(events[p])

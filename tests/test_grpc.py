@@ -116,6 +116,10 @@ BAD_REQUESTS = [
     (lambda: build_request("hi", max_new_tokens=2_000_000_000), grpc.StatusCode.INVALID_ARGUMENT, "set max_new_tokens <="),
     (lambda: build_request("hi", session_id="missing"), grpc.StatusCode.NOT_FOUND, "unknown session id 'missing'"),
     (lambda: build_request(token_ids=[70000]), grpc.StatusCode.INVALID_ARGUMENT, "outside the vocabulary"),
+    # The oracle needs the reference trace's future attention, which no client can send.
+    (lambda: build_request("hi", policy="golden", budget=64), grpc.StatusCode.INVALID_ARGUMENT,
+     "golden is an evaluation-only oracle: it needs the reference trace's future attention; use it from kvpilot "
+     "eval / bench pareto / bench fidelity"),
 ]
 
 

@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 
+from kvpilot_protocol.frame import MergePlanSpec
 from policy_service.local import InProcessPolicy
 from decoder_service.remote_policy import RemotePolicy
 from decoder_service.requests import CompressionConfig, EvictionEvent, FinishEvent, GenerationRequest, SamplingParams
@@ -45,24 +46,42 @@ def remote(policy_server):
     client.close()
 
 
-@pytest.mark.parametrize("policy", ["h2o", "snapkv", "rkv", "vase"])
-def test_remote_and_in_process_give_identical_decisions(make_engine, remote, policy):
+def same_plan(a, b) -> bool:
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, MergePlanSpec):
+        return (a.groups == b.groups and a.anchors == b.anchors and a.guards == b.guards
+                and all(torch.allclose(torch.tensor(x), torch.tensor(y)) for x, y in zip(a.weights, b.weights)))
+    return a is None or (torch.equal(a.indices, b.indices) and a.guards == b.guards)
+
+
+@pytest.mark.parametrize("policy, params", [("h2o", {}), ("snapkv", {}), ("rkv", {}), ("vase", {}),
+                                            ("triattention", {}), ("triattention", {"mode": "per_kv_head"}),
+                                            ("cask", {"base": "rkv", "recent_window": "8"}),
+                                            ("cask", {"recent_window": "8"})])
+def test_remote_and_in_process_give_identical_decisions(make_engine, remote, policy, params):
     """Frame by frame: the same frame decided in-process and by the service gives the same plan."""
     engine = make_engine(prefill_chunk=64)
     frames = []
     decide = engine.compressor.policy.decide
     engine.compressor.policy.decide = lambda frame, name, params=None: (frames.append((frame, name)), decide(frame, name, params))[1]
-    run(engine, request(policy=policy))
+    req = request(policy=policy)
+    req.compression.params = dict(params)
+    run(engine, req)
     assert len(frames) >= 3
+    kinds = set()
     for frame, scorer in frames:
-        local = InProcessPolicy().decide(frame, policy)
-        key = remote.submit(frame, policy, {}, {})
+        local = InProcessPolicy().decide(frame, policy, params)
+        key = remote.submit(frame, policy, params, {})
         deadline = time.monotonic() + 10
         while (result := remote.poll(key)) is None and time.monotonic() < deadline:
             time.sleep(0.005)
-        assert result is not None and not isinstance(result, Exception) and not result.note
-        assert torch.equal(result.plan.indices, local.plan.indices)
+        assert result is not None and not isinstance(result, Exception) and not result.note, getattr(result, "note", result)
+        assert same_plan(result.plan, local.plan)
         assert result.seed == frame.seed
+        kinds.add(type(local.plan).__name__)
+    if policy == "cask":
+        assert "MergePlanSpec" in kinds, "cask must have merged at least once in this run"
 
 
 def test_synchronous_remote_reproduces_in_process_generation(make_engine, remote):

@@ -99,6 +99,17 @@ def test_vase_dkv_scores_projection_norms():
     assert set(idx[1, 1].tolist()) >= set(sorted(free, key=lambda i: -score[1, 1, i])[:10])
 
 
+def test_golden_keeps_the_highest_future_attention_per_head():
+    future = rand(L, H, N, seed=5) + 1e-3  # every slot has evidence (a softmax never gives 0)
+    idx = kept(make_scorer("golden").plan(frame(future_attention=future)))
+    assert idx.shape == (L, H, 16) and protected(idx)
+    free = [i for i in range(2, N - 4)]
+    for l in range(L):
+        for h in range(H):
+            best = sorted(free, key=lambda i: -future[l, h, i])[:10]
+            assert set(idx[l, h].tolist()) == set(range(2)) | set(range(N - 4, N)) | set(best)
+
+
 def test_random_is_seeded_and_global():
     a = kept(make_scorer("random").plan(frame(seed=1)))
     b = kept(make_scorer("random").plan(frame(seed=1)))

@@ -5,9 +5,10 @@
 
 Budgets are fractions of each task's mean reference sequence length (what a full cache holds at the end of an
 episode). Every policy runs the same episodes through the real engine with greedy decoding; the full cache
-is the reference line. Writes benchmarks/results/pareto.csv, pareto.png (one panel per task and difficulty) and
-pareto_auc.csv: the area under the accuracy-budget curve per policy and task, normalised to the fraction
-range (1.0 = full accuracy at every budget). pareto.csv is rewritten after every finished run, so an
+is the reference line; `golden` (the evaluation-only oracle) reads each episode's future from that full-cache
+run's trace (kvpilot/evaluate.py). Writes benchmarks/results/pareto.csv, pareto.png (one panel per task and
+difficulty) and pareto_auc.csv: the area under the accuracy-budget curve per policy and task, normalised to
+the fraction range (1.0 = full accuracy at every budget). pareto.csv is rewritten after every finished run, so an
 interrupted sweep keeps what it measured; sweeps split over processes (e.g. one task each, with --out) are
 joined with --from-csv.
 """
@@ -69,8 +70,9 @@ def run(args) -> int:
             episodes = episodes_for(task, args.n, args.difficulty)
             mean_len = mean_reference_tokens(episodes, engine.tokenizer)
             bar = progress.add_task(f"{task} full", total=len(episodes))
-            row, _ = evaluate(engine, task, episodes, compression_for("full", 0), 1.0,
-                              progress=lambda d: progress.update(bar, completed=d))
+            # The full-cache results double as golden's references (its oracle is computed from their traces).
+            row, references = evaluate(engine, task, episodes, compression_for("full", 0), 1.0,
+                                       progress=lambda d: progress.update(bar, completed=d))
             rows.append(row)
             write_csv(args.out / "pareto.csv", [asdict(r) for r in rows])
             progress.remove_task(bar)
@@ -81,7 +83,8 @@ def run(args) -> int:
                     bar = progress.add_task(f"{task} {policy} {frac:.0%} ({budget} slots)", total=len(episodes))
                     compression = compression_for(policy, budget, args.interval, args.window, args.sinks)
                     row, _ = evaluate(engine, task, episodes, compression, frac,
-                                      progress=lambda d, b=bar: progress.update(b, completed=d))
+                                      progress=lambda d, b=bar: progress.update(b, completed=d),
+                                      references=references)
                     rows.append(row)
                     write_csv(args.out / "pareto.csv", [asdict(r) for r in rows])
                     progress.remove_task(bar)

@@ -27,7 +27,7 @@ class ToolSegment(_message.Message):
     def __init__(self, start: _Optional[int] = ..., end: _Optional[int] = ..., index: _Optional[int] = ...) -> None: ...
 
 class StatsFrame(_message.Message):
-    __slots__ = ("frame_id", "session_id", "policy", "params", "n", "keep", "sinks", "window", "num_layers", "num_kv_heads", "num_heads", "step", "seed", "stats", "tool_segments", "trace_context", "request_id")
+    __slots__ = ("frame_id", "session_id", "policy", "params", "n", "keep", "sinks", "window", "num_layers", "num_kv_heads", "num_heads", "step", "seed", "stats", "tool_segments", "trace_context", "request_id", "prompt_len")
     class ParamsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -66,6 +66,7 @@ class StatsFrame(_message.Message):
     TOOL_SEGMENTS_FIELD_NUMBER: _ClassVar[int]
     TRACE_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_LEN_FIELD_NUMBER: _ClassVar[int]
     frame_id: int
     session_id: str
     policy: str
@@ -83,7 +84,8 @@ class StatsFrame(_message.Message):
     tool_segments: _containers.RepeatedCompositeFieldContainer[ToolSegment]
     trace_context: _containers.ScalarMap[str, str]
     request_id: str
-    def __init__(self, frame_id: _Optional[int] = ..., session_id: _Optional[str] = ..., policy: _Optional[str] = ..., params: _Optional[_Mapping[str, str]] = ..., n: _Optional[int] = ..., keep: _Optional[int] = ..., sinks: _Optional[int] = ..., window: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., num_heads: _Optional[int] = ..., step: _Optional[int] = ..., seed: _Optional[int] = ..., stats: _Optional[_Mapping[str, Tensor]] = ..., tool_segments: _Optional[_Iterable[_Union[ToolSegment, _Mapping]]] = ..., trace_context: _Optional[_Mapping[str, str]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    prompt_len: int
+    def __init__(self, frame_id: _Optional[int] = ..., session_id: _Optional[str] = ..., policy: _Optional[str] = ..., params: _Optional[_Mapping[str, str]] = ..., n: _Optional[int] = ..., keep: _Optional[int] = ..., sinks: _Optional[int] = ..., window: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., num_heads: _Optional[int] = ..., step: _Optional[int] = ..., seed: _Optional[int] = ..., stats: _Optional[_Mapping[str, Tensor]] = ..., tool_segments: _Optional[_Iterable[_Union[ToolSegment, _Mapping]]] = ..., trace_context: _Optional[_Mapping[str, str]] = ..., request_id: _Optional[str] = ..., prompt_len: _Optional[int] = ...) -> None: ...
 
 class KeepSet(_message.Message):
     __slots__ = ("indices",)
@@ -122,7 +124,7 @@ class KeepAll(_message.Message):
     def __init__(self) -> None: ...
 
 class Decision(_message.Message):
-    __slots__ = ("frame_id", "session_id", "policy", "seed", "latency_ms", "replica", "keep", "merge", "span_drop", "keep_all", "error", "request_id")
+    __slots__ = ("frame_id", "session_id", "policy", "seed", "latency_ms", "replica", "keep", "merge", "span_drop", "keep_all", "error", "request_id", "guards")
     FRAME_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
@@ -135,6 +137,7 @@ class Decision(_message.Message):
     KEEP_ALL_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    GUARDS_FIELD_NUMBER: _ClassVar[int]
     frame_id: int
     session_id: str
     policy: str
@@ -147,7 +150,8 @@ class Decision(_message.Message):
     keep_all: KeepAll
     error: str
     request_id: str
-    def __init__(self, frame_id: _Optional[int] = ..., session_id: _Optional[str] = ..., policy: _Optional[str] = ..., seed: _Optional[int] = ..., latency_ms: _Optional[float] = ..., replica: _Optional[str] = ..., keep: _Optional[_Union[KeepSet, _Mapping]] = ..., merge: _Optional[_Union[MergePlan, _Mapping]] = ..., span_drop: _Optional[_Union[SpanDrop, _Mapping]] = ..., keep_all: _Optional[_Union[KeepAll, _Mapping]] = ..., error: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+    guards: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, frame_id: _Optional[int] = ..., session_id: _Optional[str] = ..., policy: _Optional[str] = ..., seed: _Optional[int] = ..., latency_ms: _Optional[float] = ..., replica: _Optional[str] = ..., keep: _Optional[_Union[KeepSet, _Mapping]] = ..., merge: _Optional[_Union[MergePlan, _Mapping]] = ..., span_drop: _Optional[_Union[SpanDrop, _Mapping]] = ..., keep_all: _Optional[_Union[KeepAll, _Mapping]] = ..., error: _Optional[str] = ..., request_id: _Optional[str] = ..., guards: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class DescribeRequest(_message.Message):
     __slots__ = ("policy", "params")

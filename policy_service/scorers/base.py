@@ -35,6 +35,9 @@ def check_range(policy: str, name: str, value, low, high, *, odd: bool = False) 
 class Scorer:
     name: ClassVar[str] = ""
     stats: ClassVar[frozenset[str]] = frozenset()
+    # An oracle that needs what only an evaluation harness knows (golden: the reference trace's future
+    # attention): listed by `kvpilot policies` as such, refused by the decoder's gRPC server.
+    eval_only: ClassVar[bool] = False
 
     @classmethod
     def from_params(cls, params: dict[str, str] | None = None) -> "Scorer":
