@@ -57,6 +57,18 @@ def mean_reference_tokens(episodes, tokenizer) -> float:
     return statistics.mean(len(tokenizer.encode(e.training_text)) + 1 for e in episodes)
 
 
+def parse_policy_spec(spec: str) -> tuple[str, dict[str, str]]:
+    """`name` or `name:key=value:key=value` (a policy with parameters, as the sweeps take it)."""
+    name, *pairs = spec.split(":")
+    params = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"policy spec {spec!r}: parameters are key=value, separated by ':'")
+        params[key] = value
+    return name, params
+
+
 def compression_for(policy: str, budget: int, interval: int = 8, window: int = 8, sinks: int = 4,
                     params: dict[str, str] | None = None) -> CompressionConfig:
     if policy == "full":

@@ -132,3 +132,13 @@ def test_command_writes_csv_episodes_plot_and_table(engine, tmp_path, capsys):
     assert (tmp_path / "fidelity.png").stat().st_size > 10_000
     out = capsys.readouterr().out
     assert "teacher-forced replay fidelity" in out and "golden" in out
+
+
+def test_policy_specs_carry_parameters():
+    from kvpilot.evaluate import parse_policy_spec
+
+    assert parse_policy_spec("rkv") == ("rkv", {})
+    assert parse_policy_spec("vase:window_queries=64:smooth_kernel=5") == (
+        "vase", {"window_queries": "64", "smooth_kernel": "5"})
+    with pytest.raises(ValueError, match="key=value"):
+        parse_policy_spec("vase:window_queries")

@@ -69,6 +69,29 @@ def test_resume_continues_the_same_run_exactly(tmp_path):
     assert set(summary["accuracy_history"][0]["accuracy_default"]) == {"multihop", "variables", "graph"}
 
 
+def test_init_from_an_export_continues_at_its_step(tmp_path):
+    """A run whose state.pt is gone continues from its exported weights: same weights in, step resumed."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert train_model.run(parse("--steps", "2", "--out", str(first))) == 0
+    assert train_model.run(parse("--steps", "3", "--out", str(second), "--init-from", str(first / "model"),
+                                 "--start-step", "2", "--time-limit-minutes", "0")) == 0
+    state = torch.load(second / "state.pt", weights_only=False)
+    assert state["step"] == 3, "one step from the exported step 2"
+    exported = load_checkpoint(first / "model").model.state_dict()
+    # Started at its last step, the continued run trains nothing and exports exactly the weights it was given.
+    same = tmp_path / "same"
+    assert train_model.run(parse("--steps", "2", "--out", str(same), "--init-from", str(first / "model"),
+                                 "--start-step", "2")) == 0
+    for name, tensor in load_checkpoint(same / "model").model.state_dict().items():
+        assert torch.equal(tensor, exported[name]), name
+    assert any(not torch.equal(t, exported[name]) for name, t in state["model"].items()), "step 3 trained them"
+    with pytest.raises(SystemExit, match="--init-from"):
+        train_model.run(parse("--steps", "3", "--out", str(second), "--start-step", "2"))
+    with pytest.raises(SystemExit, match="different model"):
+        train_model.run(parse("--steps", "3", "--out", str(tmp_path / "x"), "--hidden", "64",
+                              "--init-from", str(first / "model"), "--start-step", "2"))
+
+
 # ------------------------------------------------------------------------------- v1 stays reproducible
 
 REPO = Path(__file__).resolve().parents[1]

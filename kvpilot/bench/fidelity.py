@@ -45,7 +45,7 @@ from decoder_service.engine import Engine, validate_compression
 from decoder_service.oracle import reference_oracle
 from decoder_service.requests import CompressionConfig, FinishEvent, FinishReason, GenerationRequest, SamplingParams
 from kvpilot.agent import EpisodeResult, EpisodeRunner
-from kvpilot.evaluate import compression_for, episodes_for, mean_reference_tokens
+from kvpilot.evaluate import compression_for, episodes_for, mean_reference_tokens, parse_policy_spec
 from kvpilot.runtime import add_runtime_arguments, build_engine, runtime_options
 
 RESULTS = Path("benchmarks") / "results"
@@ -189,12 +189,13 @@ def aggregate(episodes: list[EpisodeFidelity], seconds: float) -> FidelityRow:
 
 
 def measure(engine: Engine, task: str, difficulty: str, cases: list[ReplayCase], compression: CompressionConfig,
-            budget_frac: float, progress=None) -> tuple[FidelityRow, list[EpisodeFidelity]]:
-    """Replay the cases under one compression setting and score them."""
+            budget_frac: float, progress=None, label: str | None = None) -> tuple[FidelityRow, list[EpisodeFidelity]]:
+    """Replay the cases under one compression setting and score them (`label`: the row's policy name, e.g.
+    `vase:window_queries=64` for a policy with parameters)."""
     start = time.monotonic()
     tag = f"{task}-{compression.policy}-{compression.budget}"
     events = replay(engine, cases, compression, progress=progress, tag=tag)
-    labels = dict(task=task, difficulty=difficulty, policy=compression.policy, budget=compression.budget,
+    labels = dict(task=task, difficulty=difficulty, policy=label or compression.policy, budget=compression.budget,
                   budget_frac=budget_frac)
     per_episode = [episode_fidelity(c, e, **labels) for c, e in zip(cases, events)]
     return aggregate(per_episode, time.monotonic() - start), per_episode
@@ -210,7 +211,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_runtime_arguments(p)
     p.add_argument("--tasks", nargs="+", default=["multihop", "variables", "graph"])
     p.add_argument("--policies", nargs="+", default=DEFAULT_POLICIES,
-                   help="policies to replay, space or comma separated (`full` once per task: the reference row)")
+                   help="policies to replay, space or comma separated (`full` once per task: the reference row); "
+                        "parameters as name:key=value:key=value")
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--fracs", nargs="+", default=["0.1", "0.25", "0.5", "0.75"],
                         help="budgets as fractions of the task's mean reference sequence length (as pareto's)")
@@ -254,9 +256,10 @@ def run(args) -> int:
             for policy, budget, frac in jobs:
                 label = "full" if policy == "full" else f"{policy} {frac:.0%} ({budget} slots)"
                 bar = progress.add_task(f"{task} {label}", total=len(cases))
-                compression = compression_for(policy, budget, args.interval, args.window, args.sinks)
+                name, params = parse_policy_spec(policy)
+                compression = compression_for(name, budget, args.interval, args.window, args.sinks, params)
                 row, eps = measure(engine, task, args.difficulty, cases, compression, frac,
-                                   progress=lambda d, b=bar: progress.update(b, completed=d))
+                                   progress=lambda d, b=bar: progress.update(b, completed=d), label=policy)
                 rows.append(row)
                 per_episode.extend(eps)
                 write_csv(args.out / "fidelity.csv", [asdict(r) for r in rows])  # an interrupted sweep keeps it

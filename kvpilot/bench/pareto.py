@@ -24,7 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from kvpilot.runtime import add_runtime_arguments, build_engine, runtime_options
-from kvpilot.evaluate import EvalRow, compression_for, episodes_for, evaluate, mean_reference_tokens
+from kvpilot.evaluate import EvalRow, compression_for, episodes_for, evaluate, mean_reference_tokens, parse_policy_spec
 from policy_service.registry import available_policies
 
 RESULTS = Path("benchmarks") / "results"
@@ -41,7 +41,8 @@ def area_under_curve(fracs: list[float], accs: list[float]) -> float:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_runtime_arguments(p)
     p.add_argument("--tasks", nargs="+", default=["multihop", "variables", "graph"])
-    p.add_argument("--policies", nargs="+", default=DEFAULT_POLICIES)
+    p.add_argument("--policies", nargs="+", default=DEFAULT_POLICIES,
+                   help="policy names; parameters as name:key=value:key=value (e.g. vase:window_queries=64)")
     p.add_argument("--fracs", type=float, nargs="+", default=[0.1, 0.25, 0.5, 0.75])
     p.add_argument("--n", type=int, default=50, help="episodes per (task, policy, budget)")
     p.add_argument("--difficulty", default="default")
@@ -81,10 +82,12 @@ def run(args) -> int:
                 for frac in args.fracs:
                     budget = max(round(frac * mean_len), args.sinks + args.window + 1)
                     bar = progress.add_task(f"{task} {policy} {frac:.0%} ({budget} slots)", total=len(episodes))
-                    compression = compression_for(policy, budget, args.interval, args.window, args.sinks)
+                    name, params = parse_policy_spec(policy)  # e.g. vase:window_queries=64
+                    compression = compression_for(name, budget, args.interval, args.window, args.sinks, params)
                     row, _ = evaluate(engine, task, episodes, compression, frac,
                                       progress=lambda d, b=bar: progress.update(b, completed=d),
                                       references=references)
+                    row.policy = policy
                     rows.append(row)
                     write_csv(args.out / "pareto.csv", [asdict(r) for r in rows])
                     progress.remove_task(bar)

@@ -42,7 +42,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from decoder_service.checkpoint import save_checkpoint
+from decoder_service.checkpoint import load_checkpoint, save_checkpoint
 from decoder_service.model import ModelConfig, Transformer
 from decoder_service.tokenizer import TextTokenizer
 from kvpilot.tasks import TASKS, make_episode
@@ -135,6 +135,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint-minutes", type=float, default=5.0)
     parser.add_argument("--time-limit-minutes", type=float, default=None, help="stop (with a checkpoint) after this long")
     parser.add_argument("--resume", action="store_true", help="continue from --out/state.pt")
+    parser.add_argument("--init-from", type=Path, default=None, metavar="DIR",
+                        help="start from an exported checkpoint's weights (same shape) at --start-step, with fresh "
+                             "AdamW moments: continues a run whose state.pt is gone (runs/ is not committed)")
+    parser.add_argument("--start-step", type=int, default=0,
+                        help="with --init-from: the step the weights were exported at (schedule and curriculum resume there)")
     parser.add_argument("--export", type=Path, default=None, help="also save the final HF-format model here")
     parser.add_argument("--no-progress", action="store_true")
 
@@ -150,6 +155,10 @@ def resolve_preset(args: argparse.Namespace) -> argparse.Namespace:
 def check_args(args: argparse.Namespace) -> None:
     """Reject model shapes the trainer cannot build, with the reason (SystemExit, like the other commands)."""
     heads, kv_heads, hidden = args.heads, args.kv_heads, args.hidden
+    if getattr(args, "start_step", 0) and getattr(args, "init_from", None) is None:
+        raise SystemExit("error: --start-step needs --init-from DIR (the weights exported at that step)")
+    if not 0 <= getattr(args, "start_step", 0) <= args.steps:
+        raise SystemExit(f"error: --start-step must be in [0, --steps {args.steps}] (got {args.start_step})")
     if heads < 1 or kv_heads < 1:
         raise SystemExit(f"error: --heads and --kv-heads must be >= 1 (got {heads} and {kv_heads})")
     if heads % kv_heads:
@@ -401,6 +410,16 @@ def hold_lookback_heads(model: Transformer, heads: int = 2) -> None:
 
 # ----------------------------------------------------------------------------------------- bookkeeping
 
+def init_from_checkpoint(model: Transformer, path: Path, start_step: int) -> int:
+    """Load an exported model's weights into `model` (the shapes must agree); returns the step to continue at."""
+    loaded = load_checkpoint(path, calibration=False).model
+    if loaded.config != model.config:
+        raise SystemExit(f"error: --init-from {path} holds a different model ({loaded.config}) than this run "
+                         f"builds ({model.config}); pass the same --preset and shape options")
+    model.load_state_dict(loaded.state_dict())
+    return start_step
+
+
 def save_state(path: Path, model, optimizer, step: int, elapsed: float, eval_seconds: float, args) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
@@ -474,6 +493,10 @@ def worker(rank: int, args, port: int | None) -> int:
     optimizer = make_optimizer(model, args)
     step, elapsed, eval_seconds = 0, 0.0, 0.0
     state_path = out / STATE_FILE
+    if args.init_from is not None and not (args.resume and state_path.is_file()):
+        step = init_from_checkpoint(model, args.init_from, args.start_step)
+        if lead:
+            print(f"initialised from {args.init_from} at step {step} (fresh optimizer moments)", file=sys.stderr)
     if args.resume and state_path.is_file():
         state = torch.load(state_path, weights_only=False)
         model.load_state_dict(state["model"])
