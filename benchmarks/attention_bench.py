@@ -38,8 +38,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable as a script from anywhere
 from benchmarks.common import RESULTS, print_table, write_csv  # noqa: E402
 from benchmarks.compaction_bench import best_ms, device_name  # noqa: E402
-import kernels  # noqa: E402
-from kernels import paged_attention  # noqa: E402
+import kvpilot_kernels as kernels  # noqa: E402
+from kvpilot_kernels import paged_attention  # noqa: E402
 
 SPEED_TARGET = 0.8  # sdpa_ms / paged_ms, without statistics
 STATS_TARGET = 1.3  # stats_ms / sdpa_ms

@@ -31,8 +31,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable as a script from anywhere
 from benchmarks.common import RESULTS, print_table, write_csv  # noqa: E402
-import kernels  # noqa: E402
-from kernels import compaction  # noqa: E402
+import kvpilot_kernels as kernels  # noqa: E402
+from kvpilot_kernels import compaction  # noqa: E402
 
 
 # (label, L, H, D, cap, keep_frac, per_head)

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-import kernels
+import kvpilot_kernels as kernels
 from decoder_service.kv_pool import KVPool, SequenceKV
 
 if TYPE_CHECKING:

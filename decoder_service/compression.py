@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-import kernels
+import kvpilot_kernels as kernels
 from decoder_service.circuit_breaker import CircuitBreaker
 from decoder_service.requests import EvictionEvent, InternalError
 from decoder_service.statistics import build_frame

@@ -38,7 +38,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-import kernels
+import kvpilot_kernels as kernels
 
 DEFAULT_BLOCK_SIZE = 16
 

@@ -19,7 +19,7 @@ import math
 import torch
 from torch import Tensor
 
-import kernels
+import kvpilot_kernels as kernels
 from decoder_service.calibration import TrigCalibration, pre_rope_keys, trig_scores
 from decoder_service.kv_pool import SequenceKV
 from decoder_service.oracle import FutureAttention

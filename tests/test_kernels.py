@@ -27,9 +27,9 @@ import pytest  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-import kernels  # noqa: E402
-from kernels import compaction, merge, redundancy  # noqa: E402
-from kernels.merge import MergePlan  # noqa: E402
+import kvpilot_kernels as kernels  # noqa: E402
+from kvpilot_kernels import compaction, merge, redundancy  # noqa: E402
+from kvpilot_kernels.merge import MergePlan  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 HYP = settings(max_examples=20, deadline=None, derandomize=True,
@@ -637,8 +637,8 @@ def test_kernels_import_first_sets_interpreter_when_no_cuda():
         pytest.skip("with CUDA the kernels compile; the interpreter default only applies without it")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["KVPILOT_FORCE_TRITON"] = "1"
-    code = ("import torch, kernels\n"
-            "from kernels.merge import MergePlan\n"
+    code = ("import torch, kvpilot_kernels as kernels\n"
+            "from kvpilot_kernels.merge import MergePlan\n"
             "k = torch.randn(1, 2, 9, 16); v = k.clone(); p = torch.arange(18).reshape(1, 2, 9)\n"
             "assert kernels.merge_(k, v, p, MergePlan.from_groups([[1, 2], [4]]), 9) == 2\n"
             "assert kernels.key_redundancy(torch.randn(2, 7, 16)).shape == (2, 7)\n"

@@ -1,10 +1,12 @@
-"""The layers (docs/architecture.md): app -> services -> protocol -> kernels. The services never import the
+"""The layers (docs/architecture.md): app -> services -> protocol -> kvpilot_kernels. The services never import the
 app nor each other; the decoder learns what a policy needs from Describe, so a policy that exists only on
 the policy service works end to end."""
 from __future__ import annotations
 
 import ast
 import pathlib
+import subprocess
+import sys
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -24,7 +26,7 @@ FORBIDDEN = {
     "decoder_service": {"kvpilot", "policy_service"},
     "policy_service": {"kvpilot", "decoder_service"},
     "kvpilot_protocol": {"kvpilot", "decoder_service", "policy_service"},
-    "kernels": {"kvpilot", "kvpilot_protocol", "decoder_service", "policy_service"},
+    "kvpilot_kernels": {"kvpilot", "kvpilot_protocol", "decoder_service", "policy_service"},
 }
 
 
@@ -43,6 +45,25 @@ def test_layers_do_not_import_upwards_or_sideways(package):
     offenders = [f"{path.relative_to(ROOT)} imports {sorted(imported_packages(path) & FORBIDDEN[package])}"
                  for path in sorted((ROOT / package).rglob("*.py")) if imported_packages(path) & FORBIDDEN[package]]
     assert not offenders, offenders
+
+
+LAYERS = sorted({*FORBIDDEN, "kvpilot"})
+
+
+def test_installed_packages_resolve_to_this_repository_from_any_directory(tmp_path):
+    """The `kvpilot` command runs with its bin/ folder, not the repository, first on sys.path, so a top-level
+    name that a dependency also installs would shadow ours there (transformers >= 4.5x pulls a PyPI package
+    called `kernels`: the reason ours is `kvpilot_kernels`). Import every layer from an unrelated folder."""
+    code = ("import importlib, pathlib\n"
+            f"for name in {LAYERS!r}:\n"
+            "    module = importlib.import_module(name)\n"
+            "    print(name, pathlib.Path(module.__file__).resolve().parent.parent)\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    roots = dict(line.split(" ", 1) for line in out.stdout.splitlines())
+    assert roots == {name: str(ROOT) for name in LAYERS}, (
+        f"a top-level package resolves outside this repository (shadowed by an installed distribution, or the "
+        f"editable install is stale: re-run `make install`): {roots}")
 
 
 @dataclass

@@ -17,8 +17,8 @@ import random  # noqa: E402
 import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-import kernels  # noqa: E402
-from kernels import paged_attention as pa  # noqa: E402
+import kvpilot_kernels as kernels  # noqa: E402
+from kvpilot_kernels import paged_attention as pa  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 

@@ -16,7 +16,7 @@ special case of a plan. The caller lowers its valid count to the returned n_out.
 
 Paged pool: merge through a slot map
 ------------------------------------
-With `slot_map` (int64 [>= n_valid], distinct entries; see kernels/compaction.py) k, v and positions are the
+With `slot_map` (int64 [>= n_valid], distinct entries; see kvpilot_kernels/compaction.py) k, v and positions are the
 whole paged pool [L, H, S, D] / [L, H, S] and every slot of the plan (sources, anchors, outputs) is a
 logical slot of the sequence, stored at physical slot `slot_map[slot]`. The launchers map sources and
 anchors to physical slots once on the device, and the kernel writes output j to physical `slot_map[j]`.

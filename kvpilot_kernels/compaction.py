@@ -81,7 +81,7 @@ def launchable(kernel, device: torch.device):
     as interpreter functions for CPU tensors (or when the interpreter knob is on now), so import order of
     *this* package does not matter. Triton's own library helpers (tl.zeros, tl.max, tl.sum, ...) are jitted
     when triton itself is imported, though: the interpreter can run them only if TRITON_INTERPRET=1 was set
-    before the first `import triton` in the process (kernels/__init__.py sets it on machines without CUDA).
+    before the first `import triton` in the process (kvpilot_kernels/__init__.py sets it on machines without CUDA).
     """
     interpreted = isinstance(kernel, InterpretedFunction)
     if not (interpreted or device.type == "cpu" or triton.knobs.runtime.interpret):
@@ -90,7 +90,7 @@ def launchable(kernel, device: torch.device):
         raise RuntimeError(
             "Triton kernels on CPU tensors run under the Triton interpreter, but triton was imported before "
             "TRITON_INTERPRET=1 was set, so its library helpers cannot be interpreted. Set TRITON_INTERPRET=1 "
-            "in the environment before anything imports triton (or import kvpilot's `kernels` package first; "
+            "in the environment before anything imports triton (or import `kvpilot_kernels` first; "
             "without CUDA it sets the default).")
     if interpreted:
         return kernel
