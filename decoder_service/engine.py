@@ -21,6 +21,7 @@ feeds it requests from the gRPC event loop.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import re
@@ -34,7 +35,7 @@ from typing import Callable
 import torch
 
 from decoder_service.attention import PoolAttention, Segment
-from decoder_service.calibration import CALIBRATION_FILE
+from decoder_service.calibration import CALIBRATION_FILE, weights_fingerprint
 from decoder_service.compression import CompressionState, Compressor
 from decoder_service.checkpoint import LoadedModel
 from decoder_service.kv_pool import KVPool, PoolExhausted, SequenceKV
@@ -62,7 +63,7 @@ from decoder_service.requests import (
 )
 from decoder_service.sampling import NON_FINITE, SamplingError, forced_steps, greedy_tokens, sample_token
 from decoder_service.sessions import InMemorySessionStore, Session
-from decoder_service.statistics import SequenceStatistics, statistics_bytes
+from decoder_service.statistics import SequenceStatistics, feature_weights, statistics_bytes
 from kvpilot_protocol.telemetry import DecoderMetrics
 from kvpilot_protocol.policy import FULL, PolicyDescription, PolicyRejected, PolicyUnavailable, StatsSpec
 
@@ -389,8 +390,33 @@ class Engine:
             raise InvalidRequest(f"policy {c.policy!r} needs the model's TriAttention calibration ({CALIBRATION_FILE} "
                                  f"beside the checkpoint), which {path} lacks: run `kvpilot calibrate --model {path}` "
                                  "and restart the decoder")
+        if "kv_features" in description.spec.names:
+            self._validate_feature_weights(c.policy, description.spec)
         self._validate_evaluation_fields(request, description)
         return description
+
+    def _validate_feature_weights(self, policy: str, spec) -> None:
+        """A learned scorer's first layer must fit this model: shapes always, weights when the scorer names them
+        (a scorer trained on another model would rank slots by meaningless projections, with no sign of it)."""
+        try:
+            w_key, _ = feature_weights(spec.feature_weights)
+        except ValueError as exc:
+            raise InvalidRequest(f"policy {policy!r}: {exc}") from None
+        m = self.model_config
+        expected = (m.num_layers, m.num_kv_heads, m.head_dim)
+        if tuple(w_key.shape[:3]) != expected:
+            raise InvalidRequest(f"policy {policy!r} ships key/value weights for [layers, KV heads, head dim] = "
+                                 f"{list(w_key.shape[:3])}, but this decoder's model is {list(expected)}: use a "
+                                 "scorer trained for this model (kvpilot train-scorer foresight --model DIR)")
+        if spec.model_fingerprint and spec.model_fingerprint != self.weights_fingerprint:
+            raise InvalidRequest(f"policy {policy!r} was trained for the model with weights sha256 "
+                                 f"{spec.model_fingerprint[:12]}..., but this decoder serves {self.loaded.path} "
+                                 f"(sha256 {self.weights_fingerprint[:12]}...): train a scorer for this model "
+                                 f"(kvpilot train-scorer foresight --model {self.loaded.path}) or pass its weights=")
+
+    @functools.cached_property
+    def weights_fingerprint(self) -> str:
+        return weights_fingerprint(self.loaded.path)
 
     def _validate_evaluation_fields(self, request: GenerationRequest, description: PolicyDescription) -> None:
         """The eval-only fields (GenerationRequest.oracle, forced_tokens), set by in-process harnesses only."""

@@ -23,15 +23,17 @@ import kvpilot_kernels as kernels
 from decoder_service.calibration import TrigCalibration, pre_rope_keys, trig_scores
 from decoder_service.kv_pool import SequenceKV
 from decoder_service.oracle import FutureAttention
+from kvpilot_protocol.features import decode_feature_weights
 from kvpilot_protocol.frame import StatsFrame
 from kvpilot_protocol.policy import StatsSpec
 
 CARRIED = {"cumulative_attention", "decayed_attention"}
-RING = {"window_attention", "last_attention"}
+RING = {"window_attention", "last_attention", "attention_features"}
+FORESIGHT_SUMS = (8, 16, 32)  # ForesightKV's short-window attention sums (features 4-6)
 
 
 def ring_size(spec: StatsSpec) -> int:
-    ring = spec.window_queries if "window_attention" in spec.names else 0
+    ring = spec.window_queries if spec.names & {"window_attention", "attention_features"} else 0
     return max(ring, 1) if "last_attention" in spec.names else ring
 
 
@@ -167,6 +169,8 @@ def build_frame(frame_id: int, session_id: str, kv: SequenceKV, stats: SequenceS
             out["window_attention"] = window_probs[:, :, -spec.window_queries:].mean(dim=2)
         if "last_attention" in names:
             out["last_attention"] = window_probs[:, :, -1]
+        if "attention_features" in names:
+            out["attention_features"] = attention_features(window_probs[:, :, -spec.window_queries:])
     if "key_norm" in names:
         out["key_norm"] = keys.float().norm(dim=-1)
     if "value_norm" in names:
@@ -182,6 +186,13 @@ def build_frame(frame_id: int, session_id: str, kv: SequenceKV, stats: SequenceS
         g = (torch.randn(keys.shape[-1], rank, generator=gen) / math.sqrt(rank)).to(keys.device)
         out["kv_projection"] = torch.stack(
             [(keys.float() @ g).pow(2).sum(-1), (values.float() @ g).pow(2).sum(-1)], dim=-1)
+    if "kv_features" in names:
+        w_key, w_value = feature_weights(spec.feature_weights)
+        if w_key.shape[:3] != (L, H, keys.shape[-1]):
+            raise ValueError(f"kv_features weights are [L, H, D] = {list(w_key.shape[:3])}, the model's KV is "
+                             f"{[L, H, keys.shape[-1]]}")
+        out["kv_features"] = (torch.einsum("lhnd,lhdr->lhnr", keys.float(), w_key.to(keys.device))
+                              + torch.einsum("lhnd,lhdr->lhnr", values.float(), w_value.to(keys.device)))
     if names & {"keys_pre_rope_mean", "trig_scores"} and rope_inv_freq is None:
         raise ValueError("keys_pre_rope_mean and trig_scores need the model's rotary frequencies (rope_inv_freq)")
     if "keys_pre_rope_mean" in names:
@@ -209,6 +220,29 @@ def build_frame(frame_id: int, session_id: str, kv: SequenceKV, stats: SequenceS
             segment[start:end] = index
         out["segment_ids"] = segment[positions]
     return frame
+
+
+def attention_features(probs: Tensor) -> Tensor:
+    """ForesightKV's per-query-head statistics from ring attention [L, Hq, w, n] (queries oldest first):
+    [L, Hq, n, 6] = max, min and sum over the w queries, then the sums over the last 8, 16 and 32. A query older
+    than a key gives it 0 (causality), so the min of a recent key is 0, as in the paper's query cache."""
+    columns = [probs.amax(dim=2), probs.amin(dim=2), probs.sum(dim=2)]
+    columns += [probs[:, :, -last:].sum(dim=2) for last in FORESIGHT_SUMS]
+    return torch.stack(columns, dim=-1)
+
+
+_FEATURE_WEIGHTS: dict[bytes, tuple[Tensor, Tensor]] = {}
+
+
+def feature_weights(blob: bytes) -> tuple[Tensor, Tensor]:
+    """Decoded kv_features weights, cached per blob (a policy ships the same one for every session)."""
+    if blob not in _FEATURE_WEIGHTS:
+        if not blob:
+            raise ValueError("kv_features needs the policy's feature weights (StatsSpec.feature_weights)")
+        if len(_FEATURE_WEIGHTS) >= 8:
+            _FEATURE_WEIGHTS.pop(next(iter(_FEATURE_WEIGHTS)))
+        _FEATURE_WEIGHTS[blob] = decode_feature_weights(blob)
+    return _FEATURE_WEIGHTS[blob]
 
 
 def ring_attention(stats: SequenceStatistics, keys: Tensor, key_positions: Tensor) -> Tensor:

@@ -1,4 +1,4 @@
-"""`kvpilot` command line: serve, generate, demo, policies, train-model, eval, bench, calibrate."""
+"""`kvpilot` command line: serve, generate, demo, policies, train-model, train-scorer, eval, bench, calibrate."""
 from __future__ import annotations
 
 import argparse
@@ -201,6 +201,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train-model", help="train the bundled reasoning model from a seed")
     train_model.add_arguments(p)
     p.set_defaults(func=cmd_train_model)
+
+    from kvpilot.training import train_scorer
+
+    p = sub.add_parser("train-scorer", help="train a learned KV scorer (foresight) on Golden Eviction labels")
+    train_scorer.add_arguments(p)
+    p.set_defaults(func=train_scorer.run)
     return parser
 
 

@@ -23,6 +23,10 @@ STATISTICS = {
     "value_range": "[L, H, n] max - min over the value vector's dimensions (VaSE)",
     "key_redundancy": "[L, H, n] R-KV redundancy: softmax over slots of mean cosine similarity to other keys",
     "kv_projection": "[L, H, n, 2] (|k G|^2, |v G|^2) for a Gaussian G [D, r] drawn from the frame's seed (VaSE-DKV)",
+    "attention_features": "[L, Hq, n, 6] ForesightKV's attention statistics of the last `window_queries` queries "
+                          "per query head: max, min, sum, and the sums over the last 8, 16 and 32",
+    "kv_features": "[L, H, n, R] k @ W_key + v @ W_value (post-RoPE key, value) with the policy's weights "
+                   "(StatsSpec.feature_weights): a learned scorer's first layer, applied beside the KV",
     "keys_pre_rope_mean": "[n, D] mean over layers and KV heads of L2-normalised pre-RoPE keys (CASK similarity; "
                           "slot i averages every row's slot i: meaningful when all rows hold the same positions)",
     "trig_scores": "[L, Hq, n] TriAttention's raw score of each key per query head, from the model's calibration "

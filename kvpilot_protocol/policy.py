@@ -20,6 +20,11 @@ class StatsSpec:
     window_queries: int = 0  # queries kept in the ring for window_attention
     decay: float = 0.9  # gamma of decayed_attention
     projection_rank: int = 20  # columns of the Gaussian projection behind kv_projection
+    # kv_features: the key/value half of a learned scorer's first linear layer, shipped by the policy once per
+    # (policy, params) so the decoder sends 16-wide projections instead of raw keys and values
+    # (kvpilot_protocol.features encodes it); model_fingerprint: sha256 of the weights it was trained on.
+    feature_weights: bytes = b""
+    model_fingerprint: str = ""
 
 
 class ParameterError(ValueError):

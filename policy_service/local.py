@@ -41,9 +41,9 @@ class InProcessPolicy:
             raise PolicyRejected(f"unknown policy {policy!r}; available: {', '.join(self.policies())}")
         try:
             scorer = self.classes[policy].from_params(params)
+            scorer.setup()  # a learned scorer reads its weights: a missing or foreign file is the caller's to fix
         except ParameterError as exc:
             raise PolicyRejected(str(exc)) from None
-        scorer.setup()
         with self._lock:
             self._scorers[key] = scorer
             while len(self._scorers) > self.MAX_CACHED_SCORERS:
@@ -52,6 +52,14 @@ class InProcessPolicy:
 
     def describe(self, policy: str, params: dict[str, str] | None = None) -> PolicyDescription:
         return describe(self.scorer(policy, params))
+
+    def listing(self, policy: str) -> PolicyDescription:
+        """The description for a catalogue: a policy that cannot be built with its defaults here (a learned
+        scorer without its weights file) is listed with the reason instead of failing the whole listing."""
+        try:
+            return self.describe(policy)
+        except PolicyRejected as exc:
+            return PolicyDescription(policy=policy, summary=f"[unavailable here: {exc}]")
 
     def decide(self, frame: StatsFrame, policy: str, params: dict[str, str] | None = None) -> Decision:
         scorer = self.scorer(policy, params)

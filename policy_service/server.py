@@ -82,9 +82,10 @@ class PolicyCore:
 
     def describe(self, request: pb.DescribeRequest) -> pb.DescribeResponse:
         """Raises PolicyRejected (unknown policy, invalid parameters): answered INVALID_ARGUMENT."""
-        names = [request.policy] if request.policy else self.local.policies()
-        return pb.DescribeResponse(policies=[description_to_pb(self.local.describe(n, dict(request.params)))
-                                             for n in names])
+        if request.policy:
+            return pb.DescribeResponse(policies=[description_to_pb(self.local.describe(request.policy,
+                                                                                        dict(request.params)))])
+        return pb.DescribeResponse(policies=[description_to_pb(self.local.listing(n)) for n in self.local.policies()])
 
 
 class PolicyServicer(policy_pb2_grpc.PolicyServicer):
