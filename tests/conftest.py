@@ -91,6 +91,34 @@ def tiny_model(make_checkpoint):
     return load_checkpoint(make_checkpoint("llama"))
 
 
+def random_foresight(config: ModelConfig, seed: int = 0, fingerprint: str = "", hidden: int = 16):
+    """ForesightKV scorer weights of the right shape for `config`, random (the pipeline, not the training)."""
+    from policy_service.scorers.foresight import ATTENTION_STATS, CARRIED, ForesightWeights
+
+    g = torch.Generator().manual_seed(seed)
+    L, H, D = config.num_layers, config.num_kv_heads, config.head_dim
+    inputs = ATTENTION_STATS * (config.num_heads // H) + len(CARRIED)
+    r = lambda *shape: torch.randn(*shape, generator=g) * 0.3  # noqa: E731
+    return ForesightWeights(w_key=r(L, H, D, hidden), w_value=r(L, H, D, hidden), w_attention=r(L, H, inputs, hidden),
+                            b1=r(L, H, hidden), w2=r(L, H, hidden), b2=r(L, H),
+                            metadata={"model_fingerprint": fingerprint, "model": "test"})
+
+
+@pytest.fixture(scope="session", autouse=True)
+def foresight_weights(make_checkpoint, tmp_path_factory):
+    """The shared policy matrix runs `foresight` on the tiny llama model: weights made for it, as the default."""
+    path = make_checkpoint("llama")
+    out = tmp_path_factory.mktemp("foresight") / "foresight.safetensors"
+    random_foresight(load_checkpoint(path).config, fingerprint=calibration.weights_fingerprint(path)).save(out)
+    previous = os.environ.get("KVPILOT_FORESIGHT_WEIGHTS")
+    os.environ["KVPILOT_FORESIGHT_WEIGHTS"] = str(out)
+    yield out
+    if previous is None:
+        os.environ.pop("KVPILOT_FORESIGHT_WEIGHTS", None)
+    else:
+        os.environ["KVPILOT_FORESIGHT_WEIGHTS"] = previous
+
+
 @pytest.fixture
 def make_engine(tiny_model):
     """make_engine(**EngineConfig fields) -> an engine with the in-process policy (as `kvpilot serve` composes it)."""

@@ -97,12 +97,17 @@ class ForesightWeights:
         if not path.is_file():
             raise ParameterError(f"foresight: no weights file at {path}: train one (kvpilot train-scorer foresight "
                                  "--model DIR) or pass weights=PATH")
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != FORMAT:
-                raise ParameterError(f"foresight: {path} is not a foresight weights file (format "
-                                     f"{meta.get('format')!r}, expected {FORMAT!r})")
-            tensors = {name: f.get_tensor(name).float() for name in cls.TENSORS}
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                if meta.get("format") != FORMAT:
+                    raise ParameterError(f"foresight: {path} is not a foresight weights file (format "
+                                         f"{meta.get('format')!r}, expected {FORMAT!r})")
+                tensors = {name: f.get_tensor(name).float() for name in cls.TENSORS}
+        except ParameterError:
+            raise
+        except Exception as exc:  # safetensors' own errors: a truncated or foreign file
+            raise ParameterError(f"foresight: cannot read {path} as safetensors ({exc})") from None
         weights = cls(**tensors, metadata=dict(meta))
         L, H, D, R = weights.w_key.shape
         expected = {"w_value": (L, H, D, R), "b1": (L, H, R), "w2": (L, H, R), "b2": (L, H)}
