@@ -46,7 +46,7 @@ def run(args) -> int:
 
     from decoder_service.calibration import CALIBRATION_FILE, calibrate, describe_calibration, weights_fingerprint
     from decoder_service.checkpoint import load_checkpoint
-    from kvpilot.models import default_model_path
+    from kvpilot.models import resolve_model
     from kvpilot.tasks import DIFFICULTIES
 
     if args.tokens < 1:
@@ -57,7 +57,7 @@ def run(args) -> int:
         raise SystemExit(f"--difficulties takes a comma-separated list of {', '.join(DIFFICULTIES)} (got {args.difficulties!r})")
     if args.threads:
         torch.set_num_threads(args.threads)
-    path = Path(args.model or default_model_path())
+    path = resolve_model(args.model)
     start = time.monotonic()
     loaded = load_checkpoint(path, device=args.device, calibration=False)  # a stale calibration is replaced
     command = (f"kvpilot calibrate --model {path} --tokens {args.tokens} --seed {args.seed} "
@@ -77,7 +77,7 @@ def add_arguments(p) -> None:
 
     from kvpilot.tasks import V1_DIFFICULTIES
 
-    p.add_argument("--model", help="Hugging Face-format checkpoint directory (default: the bundled model)")
+    p.add_argument("--model", help="Hugging Face-format checkpoint directory, or a bundled model by name: reasoner (the default), reasoner-v2")
     p.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, help="tokens of reference traces to run")
     p.add_argument("--seed", type=int, default=0, help="which episodes (seeds >= 2,000,000, never evaluation's)")
     p.add_argument("--difficulties", default=",".join(V1_DIFFICULTIES), help="comma-separated task difficulties")

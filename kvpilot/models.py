@@ -7,7 +7,10 @@ from pathlib import Path
 
 import torch
 
-BUNDLED_MODEL = Path(__file__).resolve().parent / "assets" / "reasoner"
+ASSETS = Path(__file__).resolve().parent / "assets"
+BUNDLED_MODEL = ASSETS / "reasoner"
+# Checkpoints shipped with the package, by the short name `--model` accepts.
+BUNDLED_MODELS = {"reasoner": BUNDLED_MODEL, "reasoner-v2": ASSETS / "reasoner-v2"}
 CACHE_DIR = Path(os.environ.get("KVPILOT_HOME", Path.home() / ".cache" / "kvpilot"))
 
 
@@ -16,6 +19,17 @@ def default_model_path() -> Path:
     if (BUNDLED_MODEL / "config.json").is_file():
         return BUNDLED_MODEL
     return ensure_random_model(CACHE_DIR / "random-llama-tiny")
+
+
+def resolve_model(model: str | Path | None) -> Path:
+    """`--model`: a checkpoint directory, a bundled model's short name (`reasoner`, `reasoner-v2`), or None for
+    the default. A directory of that name in the working directory wins over the bundled one."""
+    if model is None or str(model) == "":
+        return default_model_path()
+    path = Path(model)
+    if not path.exists() and str(model) in BUNDLED_MODELS:
+        return BUNDLED_MODELS[str(model)]
+    return path
 
 
 def ensure_random_model(path: Path, seed: int = 0) -> Path:

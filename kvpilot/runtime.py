@@ -11,7 +11,7 @@ import torch
 from decoder_service.checkpoint import DTYPES, load_checkpoint
 from decoder_service.circuit_breaker import CircuitBreaker
 from decoder_service.engine import Engine, EngineConfig
-from kvpilot.models import default_model_path
+from kvpilot.models import resolve_model
 from policy_service.local import InProcessPolicy
 from policy_service.scorers.base import Scorer
 
@@ -54,7 +54,7 @@ def build_engine(opts: RuntimeOptions) -> Engine:
     breaker = CircuitBreaker(opts.circuit_failures, opts.circuit_cool_down_s)  # raises for bad settings
     if opts.threads:
         torch.set_num_threads(opts.threads)
-    path = opts.model or default_model_path()
+    path = resolve_model(opts.model)
     dtype = DTYPES[opts.dtype] if opts.dtype else None
     loaded = load_checkpoint(path, device=opts.device, dtype=dtype)
     config = EngineConfig(max_batch_tokens=opts.max_batch_tokens, prefill_chunk=opts.prefill_chunk,
@@ -74,7 +74,7 @@ def build_engine(opts: RuntimeOptions) -> Engine:
 
 
 def add_runtime_arguments(parser) -> None:
-    parser.add_argument("--model", help="Hugging Face-format checkpoint directory (default: the bundled model)")
+    parser.add_argument("--model", help="Hugging Face-format checkpoint directory, or a bundled model by name: reasoner (the default), reasoner-v2")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="weights/KV dtype (default: the checkpoint's)")
     parser.add_argument("--kv-pool-mb", type=int, default=256, help="KV pool size in MiB (preallocated)")

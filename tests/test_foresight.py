@@ -1,26 +1,29 @@
 """ForesightKV: the decoder's features against slow references, the projection trick (kv_features + the rest of
 fc1 = the full MLP on raw features), the ranking loss and overlap on hand-made cases, a short training run that
-learns, weights round trip, remote = in-process plans, and the clear errors (another model's file, bad files)."""
+learns, weights round trip, remote = in-process plans, and the clear errors (another model's file, bad files);
+stage 2 (GRPO): fold/unfold, the reward and advantages by hand, the clipped policy step, one real step end to end."""
 from __future__ import annotations
 
+import json
 import math
 import time
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from conftest import random_foresight
 from decoder_service.calibration import weights_fingerprint
 from decoder_service.remote_policy import RemotePolicy
 from decoder_service.requests import CompressionConfig, GenerationRequest, InvalidRequest, SamplingParams
 from decoder_service.statistics import FORESIGHT_SUMS, attention_features
-from kvpilot.training.train_scorer import (Compression, fold, mean_overlap, overlap, rank_hinge_loss, standardisation,
-                                          train)
+from kvpilot.training.train_scorer import (Compression, ScorerMLP, features, fold, mean_overlap, overlap, rank_hinge_loss,
+                                          standardisation, train)
 from kvpilot_protocol.features import decode_feature_weights, encode_feature_weights
 from kvpilot_protocol.policy import PolicyRejected
 from policy_service.local import InProcessPolicy
-from policy_service.scorers.foresight import ForesightWeights, attention_inputs, sample_evictions
+from policy_service.scorers.foresight import Foresight, ForesightWeights, attention_inputs, sample_evictions
 from policy_service.server import BackgroundPolicyServer
 
 PROMPT = list(range(3, 123))
@@ -261,3 +264,102 @@ def test_bad_weights_parameters_are_clear_errors(tmp_path):
         policy.describe("foresight", {"sample": "maybe"})
     with pytest.raises(PolicyRejected, match="at most 4096"):
         policy.describe("foresight", {"weights": "x" * 5000})
+
+
+def test_a_bundled_model_name_selects_the_weights_beside_it():
+    from kvpilot.models import BUNDLED_MODELS
+
+    for name, directory in BUNDLED_MODELS.items():
+        assert Foresight.from_params({"weights": name}).path.resolve() == (directory / "foresight.safetensors").resolve()
+    assert Foresight.from_params({"weights": "reasoner"}).model.metadata["model_fingerprint"] == \
+        weights_fingerprint(BUNDLED_MODELS["reasoner"])
+
+
+# ---- stage 2: GRPO ---------------------------------------------------------------------------------------------
+def test_unfold_inverts_fold():
+    from kvpilot.training.foresight_grpo import unfold
+
+    events = synthetic_events(2, 5)
+    mean, std = standardisation(events)
+    mlp = ScorerMLP(2, 2, 16, 16, seed=1)
+    back = unfold(fold(mlp, mean, std, 4, {}), mean, std)
+    x = (features(events[0]) - mean[:, :, None]) / std[:, :, None]
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), mlp(x), rtol=1e-4, atol=1e-4)
+
+
+def test_reward_counts_only_large_deteriorations_on_low_entropy_tokens():
+    from kvpilot.bench.fidelity import ReplayCase
+    from kvpilot.training.foresight_grpo import Trace, reward
+
+    case = ReplayCase(0, list(range(8)), 3, [True] * 5)
+    full = torch.tensor([0.1, 0.1, 0.1, 0.1, 0.1])
+    low = torch.tensor([False, True, True, True, False])  # token 4 is high-entropy: ignored
+    trace = Trace(case, budget=4, full_loss=full, low_entropy=low)
+    compressed_nll = [0.1, 2.1, 0.5, 3.1, 9.0]  # deltas on the low tokens: -2.0, -0.4 (small), -3.0
+    assert reward(trace, [-v for v in compressed_nll]) == pytest.approx(-(4.0 + 0.0 + 9.0) / 3, rel=1e-5)
+    assert reward(Trace(case, 4, full, torch.zeros(5, dtype=torch.bool)), [-v for v in compressed_nll]) == 0.0
+
+
+def test_group_advantages_are_z_scores_within_each_group():
+    from kvpilot.training.foresight_grpo import group_advantages
+
+    a = group_advantages(torch.tensor([[1.0, 3.0], [-2.0, -2.0], [0.0, 6.0]]))
+    torch.testing.assert_close(a, torch.tensor([[-1.0, 1.0], [0.0, 0.0], [-1.0, 1.0]]))
+
+
+def test_grpo_step_moves_probability_towards_advantaged_evictions_and_clips():
+    from kvpilot.training.foresight_grpo import Step, candidate_log_probs, grpo_loss
+
+    events = synthetic_events(1, 6)
+    mean, std = standardisation(events)
+    x = (features(events[0]) - mean[:, :, None]) / std[:, :, None]
+    candidates = torch.ones(30, dtype=torch.bool)
+    candidates[:2] = False
+    evicted = torch.arange(2, 7).expand(2, 2, 5).contiguous()
+
+    def logp_after(advantage: float) -> Tensor:
+        mlp = ScorerMLP(2, 2, 16, 16, seed=2)
+        with torch.no_grad():
+            old = candidate_log_probs(mlp(x), candidates).gather(-1, evicted)
+        loss = grpo_loss(mlp, mlp, Step(x.half(), candidates, evicted, old), advantage, clip=0.2, beta=0.0)
+        loss.backward()
+        with torch.no_grad():
+            for p in mlp.parameters():
+                p -= 0.05 * p.grad
+            return candidate_log_probs(mlp(x), candidates).gather(-1, evicted).sum() - old.sum()
+
+    assert logp_after(1.0) > 0 > logp_after(-1.0)
+    # A ratio already past 1 + clip with a positive advantage gives no gradient.
+    mlp = ScorerMLP(2, 2, 16, 16, seed=2)
+    with torch.no_grad():
+        old = candidate_log_probs(mlp(x), candidates).gather(-1, evicted) - 1.0
+    grpo_loss(mlp, mlp, Step(x.half(), candidates, evicted, old), 1.0, clip=0.2, beta=0.0).backward()
+    assert all(float(p.grad.abs().max()) == 0.0 for p in mlp.parameters())
+
+
+def test_rl_stage_runs_end_to_end_on_the_bundled_model(tmp_path):
+    """One GRPO step on real rollouts through the engine: weights for the same model, the recipe beside them."""
+    from kvpilot.cli import main
+    from kvpilot.models import BUNDLED_MODEL
+
+    out = tmp_path / "rl.safetensors"
+    assert main(["train-scorer", "foresight", "--stage", "rl", "--tasks", "multihop", "--rl-steps", "1",
+                 "--traces", "1", "--group", "2", "--rl-episodes", "1", "--eval-episodes", "1",
+                 "--out", str(out), "--work-dir", str(tmp_path), "--threads", "1"]) == 0
+    weights = ForesightWeights.read(out)
+    assert weights.metadata["stage"] == "supervised+grpo"
+    assert weights.metadata["model_fingerprint"] == weights_fingerprint(BUNDLED_MODEL)
+    recipe = json.loads(out.with_suffix(".json").read_text())
+    assert [p["step"] for p in recipe["curve"]] == [0, 1] and "held_out_penalty" in recipe["curve"][-1]
+    assert (tmp_path / "rl_curve.png").stat().st_size > 0
+
+
+def test_rl_stage_refuses_bad_settings(tmp_path):
+    from kvpilot.cli import main
+
+    with pytest.raises(SystemExit, match="--group must be in"):
+        main(["train-scorer", "foresight", "--stage", "rl", "--group", "1", "--work-dir", str(tmp_path)])
+    with pytest.raises(SystemExit, match="no supervised weights"):
+        main(["train-scorer", "foresight", "--stage", "rl", "--init", str(tmp_path / "none.safetensors"),
+              "--work-dir", str(tmp_path)])

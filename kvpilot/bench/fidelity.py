@@ -87,10 +87,10 @@ def references(engine: Engine, episodes, progress=None) -> list[ReplayCase]:
 
 
 def replay(engine: Engine, cases: list[ReplayCase], compression: CompressionConfig, progress=None,
-           tag: str = "replay") -> list[FinishEvent]:
+           tag: str = "replay", seed: int = 0) -> list[FinishEvent]:
     """Replay every case teacher-forced under `compression`, at most `max_running` at a time (a golden oracle is
     built when its case is submitted and dropped with the request). Returns the final events in case order;
-    `progress(done)` after each engine step."""
+    `progress(done)` after each engine step. Case i's request seed (a stochastic policy's frames) is seed + i."""
     description = validate_compression(compression, engine.model_config.max_position_embeddings, engine.describe)
     needs_oracle = "future_attention" in description.spec.names and compression.bounded
     done: dict[int, FinishEvent] = {}
@@ -101,7 +101,7 @@ def replay(engine: Engine, cases: list[ReplayCase], compression: CompressionConf
             case = cases[i]
             request = GenerationRequest(
                 request_id=f"{tag}-{i}", input_ids=case.trace[:case.prompt_len],
-                sampling=SamplingParams(temperature=0.0, seed=i, max_new_tokens=len(case.forced), ignore_eos=True),
+                sampling=SamplingParams(temperature=0.0, seed=seed + i, max_new_tokens=len(case.forced), ignore_eos=True),
                 compression=compression, forced_tokens=case.forced,
                 oracle=reference_oracle(engine.model, case.trace, compression.interval, compression.budget)
                 if needs_oracle else None)

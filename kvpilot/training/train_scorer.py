@@ -15,7 +15,7 @@ Eviction labels, stage 1 of the paper (supervised ranking).
 The weights (inputs standardised in training, standardisation folded into fc1) and the recipe are written beside
 the model: `foresight.safetensors` and `foresight.json` (command, seeds, metrics, model fingerprint).
 
-Open here: the GRPO stage (stage 2 of the paper) is not implemented yet.
+Stage 2 (GRPO, `--stage rl`) is kvpilot/training/foresight_grpo.py.
 [CHOICE] the paper's chunked passes evict exactly L = interval slots from a full budget B each step; kvpilot's
          engine compresses to the budget every `interval` tokens, which is the same schedule (cache between B
          and B + interval). Pairs are sampled (up to 2,048 per compression) rather than enumerated.
@@ -40,7 +40,7 @@ from torch import Tensor
 from decoder_service.calibration import weights_fingerprint
 from kvpilot.bench.fidelity import references, replay
 from kvpilot.evaluate import compression_for, episodes_for, mean_reference_tokens
-from kvpilot.models import default_model_path
+from kvpilot.models import resolve_model
 from kvpilot.runtime import RuntimeOptions, build_engine
 from kvpilot.tasks import make_episode
 from kvpilot.training.train_model import TRAIN_SEED_BASE
@@ -224,7 +224,7 @@ def train(events: list[Compression], held_out: list[Compression], head_dim: int,
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("scorer", choices=["foresight"], help="the learned scorer to train")
-    p.add_argument("--model", help="checkpoint directory (default: the bundled model)")
+    p.add_argument("--model", help="checkpoint directory, or a bundled model by name: reasoner (the default), reasoner-v2")
     p.add_argument("--out", type=Path, help=f"weights file (default: {WEIGHTS_FILE} beside the model)")
     p.add_argument("--work-dir", type=Path, default=Path("runs") / "foresight",
                    help="collected compressions (reused by a rerun: delete to recollect) and the curve")
@@ -242,6 +242,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hidden", type=int, default=16)
     p.add_argument("--seed", type=int, default=422, help="training seed (episodes, initialisation, pairs)")
     p.add_argument("--threads", type=int)
+    rl = p.add_argument_group("stage 2 (--stage rl): GRPO on the supervised scorer (kvpilot/training/foresight_grpo.py)")
+    p.add_argument("--stage", choices=["sl", "rl"], default="sl",
+                   help="sl: supervised ranking on golden labels; rl: GRPO starting from the supervised weights")
+    rl.add_argument("--init", type=Path, help=f"supervised weights to start from (default: {WEIGHTS_FILE} beside the model)")
+    rl.add_argument("--rl-steps", type=int, default=40)
+    rl.add_argument("--traces", type=int, default=4, help="reference traces per step (the paper: 32)")
+    rl.add_argument("--group", type=int, default=4, help="sampled rollouts per trace (GRPO group)")
+    rl.add_argument("--rl-episodes", type=int, default=16, help="training traces per task in the rollout pool")
+    rl.add_argument("--rl-lr", type=float, default=3e-4)
+    rl.add_argument("--clip", type=float, default=0.2, help="PPO clip epsilon")
+    rl.add_argument("--kl", type=float, default=0.05, help="KL (k3) weight to the supervised scorer")
+    rl.add_argument("--kl-steps", type=int, default=16, help="steps the KL term applies (the paper: 100 of 250)")
+    rl.add_argument("--eval-every", type=int, default=10, help="held-out penalty every this many steps")
 
 
 def validate(args) -> None:
@@ -252,7 +265,15 @@ def validate(args) -> None:
               (1 <= args.steps <= 1_000_000, "--steps must be in [1, 1000000]"),
               (0 < args.lr <= 1, "--lr must be in (0, 1]"),
               (1 <= args.batch <= 1024, "--batch must be in [1, 1024]"),
-              (1 <= args.hidden <= 256, "--hidden must be in [1, 256]")]
+              (1 <= args.hidden <= 256, "--hidden must be in [1, 256]"),
+              (1 <= args.rl_steps <= 100_000, "--rl-steps must be in [1, 100000]"),
+              (1 <= args.traces <= 1024, "--traces must be in [1, 1024]"),
+              (2 <= args.group <= 64, "--group must be in [2, 64] (advantages are relative to the group)"),
+              (1 <= args.rl_episodes <= 10_000, "--rl-episodes must be in [1, 10000]"),
+              (0 < args.rl_lr <= 1, "--rl-lr must be in (0, 1]"),
+              (0 < args.clip < 1, "--clip must be in (0, 1)"),
+              (args.kl >= 0 and args.kl_steps >= 0, "--kl and --kl-steps must be >= 0"),
+              (args.eval_every >= 1, "--eval-every must be >= 1")]
     for ok, message in checks:
         if not ok:
             raise SystemExit(f"train-scorer: {message}")
@@ -265,7 +286,15 @@ def run(args) -> int:
     validate(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model_dir = Path(args.model) if args.model else default_model_path()
+    model_dir = resolve_model(args.model)
+    if args.stage == "rl":
+        from kvpilot.training.foresight_grpo import train_rl
+
+        sl_path = args.init or model_dir / WEIGHTS_FILE
+        if not sl_path.is_file():
+            raise SystemExit(f"train-scorer: no supervised weights at {sl_path}: run --stage sl first or pass --init")
+        train_rl(args, model_dir, sl_path)
+        return 0
     out = args.out or model_dir / WEIGHTS_FILE
     args.work_dir.mkdir(parents=True, exist_ok=True)
     tasks = [t for t in args.tasks.split(",") if t]

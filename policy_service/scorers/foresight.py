@@ -54,13 +54,18 @@ WINDOW_QUERIES = 128
 DECAY = 0.9
 
 
-def default_weights_path() -> Path:
-    """KVPILOT_FORESIGHT_WEIGHTS, else the file beside the bundled reasoner (read as data: no kvpilot import)."""
-    if os.environ.get("KVPILOT_FORESIGHT_WEIGHTS"):
-        return Path(os.environ["KVPILOT_FORESIGHT_WEIGHTS"])
+def bundled_weights_path(model: str = "reasoner") -> Path:
+    """The weights file beside a bundled model (read as data: no kvpilot import)."""
     spec = importlib.util.find_spec("kvpilot")
     root = Path(next(iter(spec.submodule_search_locations))) if spec and spec.submodule_search_locations else Path(".")
-    return root / "assets" / "reasoner" / WEIGHTS_FILE
+    return root / "assets" / model / WEIGHTS_FILE
+
+
+def default_weights_path() -> Path:
+    """KVPILOT_FORESIGHT_WEIGHTS, else the file beside the bundled reasoner."""
+    if os.environ.get("KVPILOT_FORESIGHT_WEIGHTS"):
+        return Path(os.environ["KVPILOT_FORESIGHT_WEIGHTS"])
+    return bundled_weights_path()
 
 
 @dataclass
@@ -147,6 +152,7 @@ def sample_evictions(scores: Tensor, drop: int, generator: torch.Generator | Non
     return torch.gather(top.indices, 1, picks)
 
 
+BUNDLED_NAMES = ("reasoner", "reasoner-v2")
 _WEIGHTS: dict[str, ForesightWeights] = {}
 _WEIGHTS_LOCK = threading.Lock()
 
@@ -158,7 +164,9 @@ class Foresight(Scorer):
     name: ClassVar[str] = "foresight"
     stats: ClassVar[frozenset[str]] = frozenset({"kv_features", "attention_features", *CARRIED})
 
-    weights: str = ""  # path of a foresight weights file ("" = beside the bundled model)
+    # A weights file's path, a bundled model's name (`reasoner`, `reasoner-v2`: the file beside it), or "" for
+    # the default (KVPILOT_FORESIGHT_WEIGHTS, else beside the bundled reasoner).
+    weights: str = ""
     sample: bool = True  # topk_prob_sample (paper); false: evict the top eviction scores
 
     def validate(self) -> None:
@@ -167,7 +175,11 @@ class Foresight(Scorer):
 
     @property
     def path(self) -> Path:
-        return Path(self.weights) if self.weights else default_weights_path()
+        if not self.weights:
+            return default_weights_path()
+        if self.weights in BUNDLED_NAMES:
+            return bundled_weights_path(self.weights)
+        return Path(self.weights)
 
     def setup(self) -> None:
         self.model  # noqa: B018  (load once per process, at build time: a bad file is a clear error then)
