@@ -76,8 +76,10 @@ def identity_projection(layers: int, kv_heads: int, head_dim: int) -> tuple[Tens
     return w_key.contiguous(), w_value.contiguous()
 
 
-def recorder_class(sink: list[Compression], layers: int, kv_heads: int, head_dim: int) -> type[Golden]:
-    """A golden policy that also records each frame's foresight features into `sink`."""
+def recorder_class(sink: list[Compression], layers: int, kv_heads: int, head_dim: int,
+                   record_every: int = 1) -> type[Golden]:
+    """A golden policy that also records the foresight features of every `record_every`-th frame into `sink`
+    (long traces: consecutive compressions are nearly the same state, and each one holds n x 2D raw floats)."""
     blob = encode_feature_weights(*identity_projection(layers, kv_heads, head_dim))
 
     @dataclass
@@ -89,7 +91,7 @@ def recorder_class(sink: list[Compression], layers: int, kv_heads: int, head_dim
             return StatsSpec(self.stats, window_queries=WINDOW_QUERIES, decay=DECAY, feature_weights=blob)
 
         def plan(self, frame: StatsFrame):
-            if frame.n > frame.keep:
+            if frame.n > frame.keep and frame.frame_id % record_every == 0:
                 sink.append(Compression(kv=frame.stats["kv_features"].half().cpu(),
                                         attention=attention_inputs(frame).cpu(),
                                         golden=self.score(frame).float().cpu(),
@@ -100,11 +102,11 @@ def recorder_class(sink: list[Compression], layers: int, kv_heads: int, head_dim
 
 
 def collect(engine, episodes, fracs: list[float], interval: int, window: int, sinks: int,
-            log=print) -> list[Compression]:
+            log=print, record_every: int = 1) -> list[Compression]:
     """Golden-trajectory compressions of the episodes' full-cache traces at each budget fraction."""
     c = engine.model_config
     sink: list[Compression] = []
-    recorder = recorder_class(sink, c.num_layers, c.num_kv_heads, c.head_dim)
+    recorder = recorder_class(sink, c.num_layers, c.num_kv_heads, c.head_dim, record_every)
     engine.compressor.policy = InProcessPolicy({**POLICIES, recorder.name: recorder})
     mean_len = mean_reference_tokens(episodes, engine.tokenizer)
     cases = references(engine, episodes)
@@ -236,6 +238,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--interval", type=int, default=16, help="tokens between compressions (the paper's L)")
     p.add_argument("--window", type=int, default=8, help="protected recent slots")
     p.add_argument("--sinks", type=int, default=4, help="protected first slots")
+    p.add_argument("--record-every", type=int, default=1,
+                   help="keep every k-th compression of a trace (long traces: memory, and near-duplicate states)")
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--batch", type=int, default=4, help="compressions per step")
@@ -263,6 +267,7 @@ def validate(args) -> None:
               (1 <= args.interval <= 4096, "--interval must be in [1, 4096]"),
               (args.window >= 0 and args.sinks >= 0, "--window and --sinks must be >= 0"),
               (1 <= args.steps <= 1_000_000, "--steps must be in [1, 1000000]"),
+              (1 <= args.record_every <= 1000, "--record-every must be in [1, 1000]"),
               (0 < args.lr <= 1, "--lr must be in (0, 1]"),
               (1 <= args.batch <= 1024, "--batch must be in [1, 1024]"),
               (1 <= args.hidden <= 256, "--hidden must be in [1, 256]"),
@@ -301,7 +306,7 @@ def run(args) -> int:
     fracs = [float(f) for f in args.fracs.split(",") if f]
     settings = dict(model=str(model_dir), tasks=tasks, difficulty=args.difficulty, episodes=args.episodes,
                     eval_episodes=args.eval_episodes, fracs=fracs, interval=args.interval, window=args.window,
-                    sinks=args.sinks, seed=args.seed)
+                    sinks=args.sinks, seed=args.seed, record_every=args.record_every)
     cache = args.work_dir / "compressions.pt"
     started = time.time()
     if cache.is_file() and torch.load(cache, weights_only=False)["settings"] == settings:
@@ -314,10 +319,11 @@ def run(args) -> int:
             print(f"{task}: training traces (seeds from {TRAIN_SEED_BASE + args.seed})")
             train_eps = [make_episode(task, TRAIN_SEED_BASE + args.seed + i, args.difficulty)
                          for i in range(args.episodes)]
-            data["train"] += collect(engine, train_eps, fracs, args.interval, args.window, args.sinks)
+            data["train"] += collect(engine, train_eps, fracs, args.interval, args.window, args.sinks,
+                                     record_every=args.record_every)
             print(f"{task}: held-out traces (evaluation seeds 0..{args.eval_episodes - 1})")
             data["held_out"] += collect(engine, episodes_for(task, args.eval_episodes, args.difficulty), fracs,
-                                        args.interval, args.window, args.sinks)
+                                        args.interval, args.window, args.sinks, record_every=args.record_every)
         torch.save(data, cache)
     collected_s = time.time() - started
     if not data["train"] or not data["held_out"]:
