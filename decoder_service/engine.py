@@ -460,7 +460,7 @@ class Engine:
         if request.create_session:
             sid = sid or uuid.uuid4().hex
             if self.store.get(sid) is not None:
-                raise SessionConflict(f"session {sid!r} already exists; omit create_session to continue it")
+                raise SessionConflict(f"session {sid!r} already exists; omit session.create (create_session in-process) to continue it")
             session = Session(id=sid, owner=request.principal or "")
             request.session_id = sid
             return session
@@ -468,7 +468,7 @@ class Engine:
             return None
         session = self.store.get(sid)
         if session is None or not session.visible_to(request.principal):
-            raise SessionNotFound(f"unknown session id {sid!r} (expired or deleted); set create_session to start one")
+            raise SessionNotFound(f"unknown session id {sid!r} (expired or deleted); set session.create (create_session in-process) to start one")
         if sid in self.busy_sessions:
             raise SessionConflict(f"session {sid!r} is generating; wait for its stream to finish")
         return session

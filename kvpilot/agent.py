@@ -8,6 +8,7 @@ drives one over gRPC and streams it to a terminal (the demo).
 """
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass, field
 from typing import Callable, TextIO
@@ -149,6 +150,16 @@ class EpisodeRunner:
         self.engine.delete_session(session_id)
 
 
+YELLOW, DIM = "33", "2"
+
+
+def styled(text: str, code: str, out: TextIO) -> str:
+    """ANSI colour only on a terminal, and never with NO_COLOR set (https://no-color.org)."""
+    if os.environ.get("NO_COLOR") or not getattr(out, "isatty", lambda: False)():
+        return text
+    return f"\033[{code}m{text}\033[0m"
+
+
 def run_episode_grpc(stub, episode: Episode, tokenizer, out: TextIO = sys.stdout, policy: str = "", budget: int = 0,
                      max_turns: int = 32, interval: int | None = None,
                      window: int | None = None) -> EpisodeResult:
@@ -173,7 +184,7 @@ def run_episode_grpc(stub, episode: Episode, tokenizer, out: TextIO = sys.stdout
                 out.flush()
             elif kind == "eviction":
                 e = response.eviction
-                out.write(f" \033[33m[evicted {e.evicted}: {e.slots_before}->{e.slots_after} slots]\033[0m")
+                out.write(" " + styled(f"[evicted {e.evicted}: {e.slots_before}->{e.slots_after} slots]", YELLOW, out))
             else:
                 complete = response.complete
         session_id = complete.session_id
@@ -181,7 +192,7 @@ def run_episode_grpc(stub, episode: Episode, tokenizer, out: TextIO = sys.stdout
         reply = episode.tool_response(complete.text) if complete.finish_reason == pb.FINISH_REASON_STOP else None
         if reply is None or result.turns >= max_turns or result.generated_tokens >= episode.generation_limit:
             break
-        out.write(f"\n  \033[2m{reply}\033[0m\n")
+        out.write(f"\n  {styled(reply, DIM, out)}\n")
         text_in, tool = reply, True
     info = stub.GetSession(pb.GetSessionRequest(session_id=session_id))
     result.total_tokens = info.num_tokens

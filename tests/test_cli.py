@@ -90,3 +90,19 @@ def test_kvpilot_up_serves_with_ray_policy_and_redis(tmp_path, redis_url):
             proc.wait(timeout=90)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def test_colour_only_on_a_terminal_and_never_with_no_color(monkeypatch):
+    import io
+
+    from kvpilot.agent import YELLOW, styled
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    assert styled("x", YELLOW, io.StringIO()) == "x"  # a pipe or a file: plain text
+    assert styled("x", YELLOW, Terminal()) == "\033[33mx\033[0m"
+    monkeypatch.setenv("NO_COLOR", "1")
+    assert styled("x", YELLOW, Terminal()) == "x"
