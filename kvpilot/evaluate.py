@@ -22,6 +22,7 @@ from decoder_service.engine import Engine, validate_compression
 from decoder_service.oracle import reference_oracle
 from decoder_service.requests import CompressionConfig, RequestError
 from kvpilot.agent import EpisodeResult, EpisodeRunner
+from kvpilot.models import CACHE_DIR
 from kvpilot.tasks import DIFFICULTIES, TASKS, make_episode
 
 # Held-out episodes use seeds 0 .. < 1e6; the training script draws its episodes from seeds >= 1e6
@@ -135,7 +136,8 @@ def add_arguments(p) -> None:
     p.add_argument("--window", type=int, default=8)
     p.add_argument("--sinks", type=int, default=4)
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--csv", type=Path, default=Path("benchmarks/results/eval.csv"))
+    p.add_argument("--csv", type=Path, default=CACHE_DIR / "results" / "eval.csv",
+                   help="CSV the row is appended to (default outside the source tree)")
 
 
 def run(args) -> int:

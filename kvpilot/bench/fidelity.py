@@ -46,9 +46,11 @@ from decoder_service.oracle import reference_oracle
 from decoder_service.requests import CompressionConfig, FinishEvent, FinishReason, GenerationRequest, SamplingParams
 from kvpilot.agent import EpisodeResult, EpisodeRunner
 from kvpilot.evaluate import compression_for, episodes_for, mean_reference_tokens, parse_policy_spec
+from kvpilot.models import CACHE_DIR
 from kvpilot.runtime import add_runtime_arguments, build_engine, runtime_options
 
-RESULTS = Path("benchmarks") / "results"
+# Outside the source tree by default: committed figures change only when --out benchmarks/results asks for it.
+RESULTS = CACHE_DIR / "results" / "fidelity"
 DEFAULT_POLICIES = ["full", "streaming_llm", "h2o", "snapkv", "rkv", "golden"]
 TOP = 5  # top-k coverage (decoder_service.sampling.forced_steps)
 
@@ -222,7 +224,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--interval", type=int, default=8)
     p.add_argument("--window", type=int, default=8)
     p.add_argument("--sinks", type=int, default=4)
-    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--out", type=Path, default=RESULTS,
+                   help=f"results folder (default {RESULTS}; the committed figures: benchmarks/results)")
 
 
 def budgets_for(args, mean_len: float) -> list[tuple[int, float]]:

@@ -25,9 +25,11 @@ from rich.table import Table
 
 from kvpilot.runtime import add_runtime_arguments, build_engine, runtime_options
 from kvpilot.evaluate import EvalRow, compression_for, episodes_for, evaluate, mean_reference_tokens, parse_policy_spec
+from kvpilot.models import CACHE_DIR
 from policy_service.registry import available_policies
 
-RESULTS = Path("benchmarks") / "results"
+# Outside the source tree by default: committed figures change only when --out benchmarks/results asks for it.
+RESULTS = CACHE_DIR / "results" / "pareto"
 DEFAULT_POLICIES = [p for p in available_policies() if p != "full"]
 
 
@@ -49,7 +51,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--interval", type=int, default=8)
     p.add_argument("--window", type=int, default=8)
     p.add_argument("--sinks", type=int, default=4)
-    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--out", type=Path, default=RESULTS,
+                   help=f"results folder (default {RESULTS}; the committed figures: benchmarks/results)")
     p.add_argument("--from-csv", type=Path, nargs="+", metavar="CSV",
                    help="skip running: join these pareto.csv files and write the AUC table and plot to --out")
 
