@@ -24,7 +24,7 @@ from benchmarks.common import RESULTS, add_device_arguments, apply_device_argume
 from decoder_service.checkpoint import load_checkpoint  # noqa: E402
 from decoder_service.engine import Engine, EngineConfig  # noqa: E402
 from decoder_service.requests import CompressionConfig, GenerationRequest, SamplingParams  # noqa: E402
-from kvpilot.models import default_model_path  # noqa: E402
+from kvpilot.models import resolve_model  # noqa: E402
 from kvpilot_protocol.wire import frame_to_pb  # noqa: E402
 from policy_service.local import InProcessPolicy  # noqa: E402
 
@@ -43,8 +43,10 @@ def run_policy(loaded, prompts, args, policy: str) -> dict:
         return out
 
     engine.compressor.policy.decide = timed_decide
+    # foresight reads the weights file beside the model (each file names the weights it was trained for).
+    params = {"weights": str(loaded.path / "foresight.safetensors")} if policy == "foresight" else {}
     compression = CompressionConfig() if policy == "full" else CompressionConfig(
-        policy=policy, budget=args.budget, interval=args.interval, window=args.window, sinks=4)
+        policy=policy, budget=args.budget, interval=args.interval, window=args.window, sinks=4, params=params)
     requests = [GenerationRequest(f"r{i}", p, SamplingParams(temperature=0, max_new_tokens=args.new_tokens,
                                                              ignore_eos=True, seed=i), compression=compression)
                 for i, p in enumerate(prompts)]
@@ -66,7 +68,8 @@ def run_policy(loaded, prompts, args, policy: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="checkpoint with foresight.safetensors beside it (default: the bundled one)")
+    parser.add_argument("--model", help="checkpoint with foresight.safetensors beside it, or a bundled model's name "
+                                        "(default: the bundled reasoner)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--prompt-len", type=int, default=256)
     parser.add_argument("--new-tokens", type=int, default=256)
@@ -76,7 +79,7 @@ def main() -> None:
     add_device_arguments(parser)
     args = parser.parse_args()
     dtype, device_name = apply_device_arguments(args)
-    loaded = load_checkpoint(args.model or default_model_path(), device=args.device, dtype=dtype)
+    loaded = load_checkpoint(resolve_model(args.model), device=args.device, dtype=dtype)
     gen = torch.Generator().manual_seed(0)
     prompts = torch.randint(3, loaded.config.vocab_size, (args.batch, args.prompt_len), generator=gen).tolist()
     run_policy(loaded, prompts[:1], argparse.Namespace(**{**vars(args), "new_tokens": 8}), "full")  # warm-up
@@ -90,7 +93,7 @@ def main() -> None:
                  prompt_len=args.prompt_len, new_tokens=args.new_tokens, budget=args.budget, interval=args.interval)
         print(f"{r['policy']:>10} {r['tokens_per_s']:>8.1f} {r['ratio_vs_full']:>8.2f} {r['events']:>7} "
               f"{r['plan_ms']:>8.2f} {100 * r['plan_share']:>6.1f}% {r['frame_bytes']:>9} {r['raw_kv_frame_bytes']:>15}")
-    out = write_csv(RESULTS / f"foresight_overhead_{args.device.split(':')[0]}.csv", rows)
+    out = write_csv(RESULTS / f"foresight_overhead_{loaded.name}_{args.device.split(':')[0]}.csv", rows)
     print(f"wrote {out}")
 
 
