@@ -393,9 +393,12 @@ def create_app(servicer, auth=None) -> FastAPI:
             raise bad_request("stream_options must be an object", "stream_options")
         return body
 
-    async def start(who: str | None, grpc_request: pb.GenerateRequest, operation: str):
+    async def start(request: Request, who: str | None, grpc_request: pb.GenerateRequest, operation: str):
+        # The caller's W3C trace context (traceparent / tracestate headers) parents the generation's span.
+        parent = telemetry.extract({k: v for k, v in request.headers.items() if k in ("traceparent", "tracestate")})
         try:
-            return await servicer.start_generation(grpc_request, who, None, api="http", operation=operation)
+            return await servicer.start_generation(grpc_request, who, None, api="http", operation=operation,
+                                                   trace_context=parent)
         except RequestError as exc:
             raise ApiError.of(exc) from None
 
@@ -501,7 +504,7 @@ def create_app(servicer, auth=None) -> FastAPI:
         body = await read_body(request)
         text, ids = completion_prompt(body, vocab)
         grpc_request = build_request(body, text, ids, _str(body, "input_kind"), request_id_of(request, body))
-        generation = await start(who, grpc_request, "text_completion")
+        generation = await start(request, who, grpc_request, "text_completion")
         return await respond(request, body, generation, chat=False)
 
     @app.post("/v1/chat/completions")
@@ -512,7 +515,7 @@ def create_app(servicer, auth=None) -> FastAPI:
         text, role = chat_prompt(body)
         grpc_request = build_request(body, text, None, "tool" if role == "tool" else _str(body, "input_kind"),
                                      request_id_of(request, body), max_tokens_field="max_completion_tokens")
-        generation = await start(who, grpc_request, "chat")
+        generation = await start(request, who, grpc_request, "chat")
         return await respond(request, body, generation, chat=True)
 
     def model_card() -> dict:

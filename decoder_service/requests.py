@@ -49,6 +49,12 @@ class DeadlineExceeded(RequestError):
     code = "DEADLINE_EXCEEDED"
 
 
+class Cancelled(RequestError):
+    """The client went away before the request finished (its own doing: not a server error on its span)."""
+
+    code = "CANCELLED"
+
+
 class InternalError(RequestError):
     """A fault while serving this request (a numeric blow-up, a scorer or kernel error). Only this request ends."""
 

@@ -17,6 +17,7 @@ import grpc
 from decoder_service.async_engine import AsyncEngine
 from decoder_service.engine import Engine, check_session_id
 from decoder_service.requests import (
+    Cancelled,
     CompressionConfig,
     EvictionEvent,
     FinishEvent,
@@ -148,7 +149,7 @@ class Generation:
             # too, or no other decoder could find (or delete) the session.
             await asyncio.shield(asyncio.ensure_future(self.servicer.persist_session(sid)))
         telemetry.end_generate_span(self._span, self.final,
-                                    self.failure or (None if self.final else RuntimeError("stream cancelled")))
+                                    self.failure or (None if self.final else Cancelled("stream cancelled")))
         telemetry.serving_metrics().request_ended(
             self.servicer.model_name, self._api, self._operation, self._started, final=self.final,
             error=self.failure, first_token_at=self._first_token_at, last_token_at=self._last_token_at)
@@ -173,7 +174,8 @@ class DecoderServicer:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request could not be parsed: {request.error} "
                                 "(text must be valid UTF-8)")
         try:
-            generation = await self.start_generation(request, self.principal(context), context.time_remaining())
+            generation = await self.start_generation(request, self.principal(context), context.time_remaining(),
+                                                     trace_context=telemetry.extract_context(context.invocation_metadata()))
         except RequestError as exc:
             await context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
         failure: RequestError | None = None
@@ -191,9 +193,10 @@ class DecoderServicer:
 
     async def start_generation(self, request: pb.GenerateRequest, principal: str | None = None,
                                time_remaining: float | None = None, api: str = "grpc",
-                               operation: str = "text_completion") -> Generation:
+                               operation: str = "text_completion", trace_context=None) -> Generation:
         """Everything Generate does before the first event, shared by the gRPC and the HTTP front end
-        (http_api.py): parse, validate, resolve the policy, load the session, submit. Raises RequestError (its
+        (http_api.py): parse, validate, resolve the policy, load the session, submit. `trace_context`: the
+        caller's (W3C traceparent), the parent of the generation's span. Raises RequestError (its
         `code` names the status, its message says what to fix); the caller must `aclose()` what it returns."""
         started = time.monotonic()
         span = None
@@ -202,9 +205,10 @@ class DecoderServicer:
             gen.principal = principal
             if time_remaining is not None:
                 gen.deadline = time.monotonic() + time_remaining
+            gen.request_id = gen.request_id or uuid.uuid4().hex  # named here so the span carries it
             if gen.create_session and not gen.session_id:
                 gen.session_id = uuid.uuid4().hex  # chosen here so the client learns it before any token
-            span = gen.trace_parent = telemetry.start_generate_span(self.model_name, gen)
+            span = gen.trace_parent = telemetry.start_generate_span(self.model_name, gen, operation, trace_context)
             gen.policy_description = await self.engine.describe(gen.compression.policy, gen.compression.params)
             refuse_evaluation_only(gen.compression.policy, gen.policy_description)
             if gen.session_id:

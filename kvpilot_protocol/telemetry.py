@@ -1,4 +1,4 @@
-"""OpenTelemetry for both services: spans `generate`, `compaction`, `decide`, and the decoder's metrics.
+"""OpenTelemetry for both services: spans `{operation} {model}` (a generation), `compaction`, `decide`, and the decoder's metrics.
 
 Providers come from the standard OTEL_* environment (`setup_telemetry` installs OTLP exporters when
 OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or OTEL_TRACES_EXPORTER=otlp is set);
@@ -96,20 +96,39 @@ def extract_context(metadata) -> otel_context.Context | None:
 
 
 # ---- decoder spans -----------------------------------------------------------------------------------
-def start_generate_span(model: str, request) -> trace.Span:
-    c = request.compression
+# OpenTelemetry's gRPC conventions: these statuses are the server's fault and mark its span as an error; the rest
+# (INVALID_ARGUMENT, NOT_FOUND, RESOURCE_EXHAUSTED, ...) are the caller's and leave the status unset.
+SERVER_ERROR_CODES = frozenset({"UNKNOWN", "DEADLINE_EXCEEDED", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE",
+                                "DATA_LOSS"})
+PROVIDER = "kvpilot"
+
+
+def start_generate_span(model: str, request, operation: str = "text_completion",
+                        parent: otel_context.Context | None = None) -> trace.Span:
+    """The server span of one generation, named `{gen_ai.operation.name} {gen_ai.request.model}` (GenAI
+    conventions), a child of the caller's `traceparent` when there is one."""
+    c, sampling = request.compression, request.sampling
     attributes = {
-        "gen_ai.operation.name": "text_completion",
+        "gen_ai.operation.name": operation,
+        "gen_ai.provider.name": PROVIDER,
         "gen_ai.request.model": model,
-        "gen_ai.request.max_tokens": request.sampling.max_new_tokens,
-        "gen_ai.request.temperature": request.sampling.temperature,
+        "gen_ai.response.model": model,
+        "gen_ai.response.id": request.request_id,
+        "gen_ai.request.max_tokens": sampling.max_new_tokens,
+        "gen_ai.request.temperature": sampling.temperature,
+        "gen_ai.request.top_p": sampling.top_p,
         "kvpilot.policy": c.policy,
         "kvpilot.budget": c.budget,
         "kvpilot.interval": c.interval,
     }
+    if sampling.top_k:
+        attributes["gen_ai.request.top_k"] = sampling.top_k
+    if sampling.seed is not None:
+        attributes["gen_ai.request.seed"] = sampling.seed
     if request.session_id:
         attributes["gen_ai.conversation.id"] = request.session_id
-    return tracer().start_span("generate", kind=trace.SpanKind.SERVER, attributes=attributes)
+    return tracer().start_span(f"{operation} {model}", context=parent, kind=trace.SpanKind.SERVER,
+                               attributes=attributes)
 
 
 def end_generate_span(span: trace.Span, final=None, error: Exception | None = None) -> None:
@@ -118,6 +137,7 @@ def end_generate_span(span: trace.Span, final=None, error: Exception | None = No
         span.set_attributes({
             "gen_ai.usage.input_tokens": u.prompt_tokens,
             "gen_ai.usage.output_tokens": u.generated_tokens,
+            "gen_ai.usage.cache_read.input_tokens": u.cached_tokens,
             "gen_ai.response.finish_reasons": [final.finish_reason.value],
             "kvpilot.kv.peak_slots": u.peak_kv_slots,
             "kvpilot.kv.peak_bytes": u.peak_kv_bytes,
@@ -127,7 +147,10 @@ def end_generate_span(span: trace.Span, final=None, error: Exception | None = No
             "kvpilot.seed": u.seed,
         })
     if error is not None:
-        span.set_status(Status(StatusCode.ERROR, str(error)))
+        code = getattr(error, "code", "INTERNAL")
+        span.set_attribute("error.type", code if isinstance(code, str) else type(error).__name__)
+        if not isinstance(code, str) or code in SERVER_ERROR_CODES:
+            span.set_status(Status(StatusCode.ERROR, str(error)))
     span.end()
 
 

@@ -245,7 +245,7 @@ def test_dashboard_panels_and_datasources(dashboard):
         assert [t["expr"].split(",")[0] for t in p["targets"]] == ["histogram_quantile(0.5", "histogram_quantile(0.95"]
     trace_queries = " ".join(t.get("query", "") for p in dashboard["panels"] if p["datasource"]["uid"] == "tempo"
                              for t in p["targets"])
-    for span in ('name = "generate"', 'name = "compaction"', 'name = "decide"', "kvpilot-decoder", "kvpilot-policy"):
+    for span in ('span.gen_ai.provider.name = "kvpilot"', 'name = "compaction"', 'name = "decide"', "kvpilot-decoder", "kvpilot-policy"):
         assert span in trace_queries, span
 
 

@@ -146,7 +146,7 @@ def test_traces_link_generate_compaction_and_decide_across_grpc(make_engine, spa
     by_name = {}
     for span in spans.get_finished_spans():
         by_name.setdefault(span.name, []).append(span)
-    [generate] = by_name["generate"]
+    [generate] = by_name[f"text_completion {engine.loaded.name}"]  # GenAI span name: {operation} {model}
     compactions = by_name["compaction"]
     decides = by_name["decide"]
     assert generate.attributes["kvpilot.policy"] == "h2o" and generate.attributes["kvpilot.budget"] == 40
@@ -181,3 +181,29 @@ def test_decoder_metrics(make_engine, metric_reader):
     evicted = sum(p.value for p in names["kvpilot.evicted_tokens"].data.data_points
                   if p.attributes.get("kvpilot.policy") == "tova")
     assert evicted > 0
+
+
+def test_generate_span_continues_the_callers_trace_and_client_errors_are_not_server_errors(make_engine, spans):
+    from opentelemetry.trace import StatusCode
+
+    trace_id, parent_id = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    metadata = (("traceparent", f"00-{trace_id}-{parent_id}-01"),)
+    engine = make_engine()
+    with BackgroundServer(engine) as decoder:
+        stub = connect(decoder.address)
+        request = build_request(token_ids=[5, 6, 7], max_new_tokens=3, temperature=0.0, seed=11)
+        done = [r for r in stub.Generate(request, metadata=metadata) if r.WhichOneof("event") == "complete"][0]
+        with pytest.raises(grpc.RpcError) as bad:
+            list(stub.Generate(build_request(token_ids=[5, 6], max_new_tokens=3, policy="no-such-policy", budget=64),
+                               metadata=metadata))
+    assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    name = f"text_completion {engine.loaded.name}"
+    ok, refused = [s for s in spans.get_finished_spans() if s.name == name]
+    assert format(ok.context.trace_id, "032x") == trace_id and format(ok.parent.span_id, "016x") == parent_id
+    assert ok.attributes["gen_ai.provider.name"] == "kvpilot"
+    assert ok.attributes["gen_ai.response.id"] == done.request_id
+    assert ok.attributes["gen_ai.request.seed"] == 11 and ok.attributes["gen_ai.usage.output_tokens"] == 3
+    assert "gen_ai.usage.cache_read.input_tokens" in ok.attributes
+    assert ok.status.status_code is StatusCode.UNSET
+    # The caller's mistake: recorded as error.type, but the span is not an error (OpenTelemetry's gRPC rules).
+    assert refused.attributes["error.type"] == "INVALID_ARGUMENT" and refused.status.status_code is StatusCode.UNSET
