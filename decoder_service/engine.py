@@ -43,6 +43,7 @@ from decoder_service.requests import (
     MAX_STOP_STRING_CHARS,
     MAX_STOP_STRINGS,
     MAX_STOP_TOKEN_IDS,
+    MAX_REPETITION_PENALTY,
     MAX_TEMPERATURE,
     CompressionConfig,
     DeadlineExceeded,
@@ -61,7 +62,8 @@ from decoder_service.requests import (
     TokenEvent,
     Usage,
 )
-from decoder_service.sampling import NON_FINITE, SamplingError, forced_steps, greedy_tokens, sample_token
+from decoder_service.sampling import (NON_FINITE, SamplingError, apply_penalties, forced_steps, greedy_tokens,
+                                      sample_token)
 from decoder_service.sessions import InMemorySessionStore, Session
 from decoder_service.statistics import SequenceStatistics, feature_weights, statistics_bytes
 from kvpilot_protocol.telemetry import DecoderMetrics
@@ -370,6 +372,16 @@ class Engine:
             raise InvalidRequest(f"top_p must be in (0, 1] (got {s.top_p})")
         if s.top_k < 0:
             raise InvalidRequest(f"top_k must be >= 0 (got {s.top_k}); 0 disables it")
+        if not 0 <= s.min_p <= 1:
+            raise InvalidRequest(f"min_p must be in [0, 1] (got {s.min_p}); 0 disables it")
+        if not 0 < s.repetition_penalty <= MAX_REPETITION_PENALTY:
+            raise InvalidRequest(f"repetition_penalty must be in (0, {MAX_REPETITION_PENALTY:g}] (got "
+                                 f"{s.repetition_penalty}); 1 disables it")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(s, name) <= 2:
+                raise InvalidRequest(f"{name} must be in [-2, 2] (got {getattr(s, name)}); 0 disables it")
+        if not 0 <= s.min_tokens <= s.max_new_tokens:
+            raise InvalidRequest(f"min_tokens must be in [0, max_new_tokens = {s.max_new_tokens}] (got {s.min_tokens})")
         if any(not stop for stop in s.stop):
             raise InvalidRequest("stop strings must not be empty")
         if len(s.stop) > MAX_STOP_STRINGS or any(len(stop) > MAX_STOP_STRING_CHARS for stop in s.stop):
@@ -702,6 +714,11 @@ class Engine:
                 samplers.append((row - 1, seq))
         batch = [(seq, n) for seq, n in batch if seq.finish_reason is None]
         forced = self._force(samplers, logits)  # teacher-forced rows (eval only): recorded, token given
+        for row, seq in samplers:
+            s = seq.request.sampling
+            if s.penalized and seq.id not in forced:
+                end_ids = list(s.stop_token_ids) + ([] if s.ignore_eos else list(self.model_config.eos_token_ids))
+                logits[row] = apply_penalties(logits[row], s, seq.token_ids, seq.generated, end_ids)
         greedy = [(row, seq) for row, seq in samplers if seq.request.sampling.greedy and seq.id not in forced]
         picks = dict(zip((seq.id for _, seq in greedy),
                          greedy_tokens(logits[[row for row, _ in greedy]]) if greedy else []))

@@ -65,6 +65,9 @@ COMPRESSION_FIELDS = {"kv_budget": "budget", "kv_interval": "interval", "kv_wind
 PARAM_OF_MESSAGE = [(r"budget\b", "kv_budget"), (r"interval\b", "kv_interval"), (r"window\b", "kv_window"),
                     (r"sinks\b", "kv_sinks"), (r"max_lag\b", "kv_max_lag"), (r"(unknown )?policy\b", "kv_policy"),
                     (r"temperature\b", "temperature"), (r"top_p\b", "top_p"), (r"top_k\b", "top_k"),
+                    (r"min_p\b", "min_p"), (r"repetition_penalty\b", "repetition_penalty"),
+                    (r"presence_penalty\b", "presence_penalty"), (r"frequency_penalty\b", "frequency_penalty"),
+                    (r"min_tokens\b", "min_tokens"),
                     (r"max_new_tokens\b", "max_tokens"), (r"stop\b", "stop"), (r"(unknown )?session\b", "session_id"),
                     (r"(prompt|text|token id)\b", "prompt")]
 # Known OpenAI / vLLM fields that would change the answer if ignored: refused until supported.
@@ -78,11 +81,6 @@ UNSUPPORTED = {
     "top_logprobs": (lambda v: v in (None, 0), "top_logprobs are not supported yet"),
     "prompt_logprobs": (lambda v: v is None, "prompt_logprobs are not supported yet"),
     "suffix": (lambda v: not v, "suffix (insertion) is not supported"),
-    "presence_penalty": (lambda v: v in (None, 0), "presence_penalty is not supported yet (send 0 or omit it)"),
-    "frequency_penalty": (lambda v: v in (None, 0), "frequency_penalty is not supported yet (send 0 or omit it)"),
-    "repetition_penalty": (lambda v: v in (None, 1), "repetition_penalty is not supported yet (send 1 or omit it)"),
-    "min_p": (lambda v: v in (None, 0), "min_p is not supported yet (send 0 or omit it)"),
-    "min_tokens": (lambda v: v in (None, 0), "min_tokens is not supported yet"),
     "logit_bias": (lambda v: not v, "logit_bias is not supported yet"),
     "tools": (lambda v: not v, "tools (function calling) are not supported yet"),
     "functions": (lambda v: not v, "functions (function calling) are not supported yet"),
@@ -97,6 +95,7 @@ UNSUPPORTED = {
 }
 # Accepted and used, or harmless to ignore (bookkeeping fields of the OpenAI API).
 KNOWN = {"model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
+         "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty", "min_tokens",
          "seed", "stop", "stop_token_ids", "ignore_eos", "add_special_tokens", "stream", "stream_options",
          "request_id", "kv_policy", "kv_params", "session_id", "create_session", "input_kind", "user", "metadata",
          "store", "service_tier", "parallel_tool_calls", *COMPRESSION_FIELDS, *UNSUPPORTED}
@@ -203,7 +202,7 @@ def build_request(body: dict, text: str | None, token_ids: list[int] | None, inp
                   request_id: str, max_tokens_field: str = "max_tokens") -> pb.GenerateRequest:
     """The gRPC GenerateRequest an HTTP body stands for (type checks here; value checks in the shared path)."""
     sampling = pb.SamplingParams()
-    for name in ("temperature", "top_p"):
+    for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
         value = _number(body, name)
         if value is not None:
             setattr(sampling, name, value)
@@ -219,6 +218,9 @@ def build_request(body: dict, text: str | None, token_ids: list[int] | None, inp
         if not isinstance(ids, list):
             raise bad_request("stop_token_ids must be a list of integers", "stop_token_ids")
         stopping.stop_token_ids.extend(_int({"stop_token_ids": t}, "stop_token_ids", UINT32) for t in ids)
+    min_tokens = _int(body, "min_tokens", INT32)
+    if min_tokens is not None:
+        stopping.min_tokens = min_tokens
     max_tokens = _int(body, max_tokens_field, INT32)
     if max_tokens is None and max_tokens_field != "max_tokens":
         max_tokens = _int(body, "max_tokens", INT32)  # chat: the older name

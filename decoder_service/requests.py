@@ -65,6 +65,7 @@ class InternalError(RequestError):
 # T -> 0 is the argmax anyway (vLLM uses the same epsilon).
 GREEDY_TEMPERATURE = 1e-5
 MAX_TEMPERATURE = 100.0
+MAX_REPETITION_PENALTY = 10.0
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
 MAX_STOP_TOKEN_IDS = 64
@@ -80,10 +81,22 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)  # stop strings (not included in the output text)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    # Logit processors (vLLM's order: penalties, then temperature, then top-k / top-p / min-p).
+    min_p: float = 0.0  # drop tokens below min_p x the most likely token's probability; 0 = off
+    repetition_penalty: float = 1.0  # on every token of the context (HF/vLLM): > 1 discourages repeats; 1 = off
+    presence_penalty: float = 0.0  # subtracted once from each generated token's logit (OpenAI); 0 = off
+    frequency_penalty: float = 0.0  # subtracted per occurrence among the generated tokens (OpenAI); 0 = off
+    min_tokens: int = 0  # EOS and stop token ids are masked until this many tokens are generated
 
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_TEMPERATURE
+
+    @property
+    def penalized(self) -> bool:
+        """Whether the logits need the penalties or the min_tokens mask before greedy or sampled picks."""
+        return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+                or self.min_tokens > 0)
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Token sampling: greedy, temperature, top-k, top-p, with a per-request generator (reproducible by seed).
+"""Token sampling: penalties and min_tokens (`apply_penalties`), then greedy, or temperature, top-k, top-p and
+min-p, with a per-request generator (reproducible by seed).
 
 Numerically safe for every temperature the engine accepts: below GREEDY_TEMPERATURE sampling is greedy, the
 rest runs in float32 with a max-subtracted softmax, and a logit row that is not a number fails the request
@@ -32,6 +33,25 @@ def greedy_tokens(logits: Tensor) -> list[int | None]:
     return [None if bad else pick for pick, bad in zip(picks, unsampleable(logits).tolist())]
 
 
+def apply_penalties(logits: Tensor, params: SamplingParams, context: list[int], generated: list[int],
+                    end_ids: list[int]) -> Tensor:
+    """logits [V] -> a new row with the repetition penalty on every token of `context` (prompt, earlier turns
+    and generated: HF/vLLM's rule, divide positive logits and multiply negative ones), the presence and
+    frequency penalties on the `generated` tokens (OpenAI's rule), and `end_ids` (EOS, stop token ids) masked
+    while fewer than `min_tokens` tokens are generated."""
+    logits = logits.float().clone()
+    if params.repetition_penalty != 1.0 and context:
+        seen = torch.tensor(sorted(set(context)), device=logits.device)
+        picked = logits[seen]
+        logits[seen] = torch.where(picked > 0, picked / params.repetition_penalty, picked * params.repetition_penalty)
+    if (params.presence_penalty or params.frequency_penalty) and generated:
+        counts = torch.bincount(torch.tensor(generated, device=logits.device), minlength=logits.shape[-1]).float()
+        logits -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).float()
+    if len(generated) < params.min_tokens and end_ids:
+        logits[torch.tensor(end_ids, device=logits.device)] = float("-inf")
+    return logits
+
+
 def sample_token(logits: Tensor, params: SamplingParams, generator: torch.Generator) -> int:
     """logits: [V] on any device; the generator must live on the same device."""
     logits = logits.float()
@@ -52,6 +72,8 @@ def sample_token(logits: Tensor, params: SamplingParams, generator: torch.Genera
         drop = (probs_sorted.cumsum(-1) - probs_sorted) >= params.top_p
         logits = logits.scatter(0, order, sorted_logits.masked_fill(drop, float("-inf")))
     probs = torch.softmax(logits, dim=-1)
+    if params.min_p > 0.0:  # the most likely token always stays (its probability is the threshold's base)
+        probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
     return int(torch.multinomial(probs, 1, generator=generator))
 
 

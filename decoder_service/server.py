@@ -250,6 +250,11 @@ class DecoderServicer:
             stop=list(st.stop),
             stop_token_ids=list(st.stop_token_ids),
             ignore_eos=st.ignore_eos,
+            min_p=s.min_p if s.HasField("min_p") else 0.0,
+            repetition_penalty=s.repetition_penalty if s.HasField("repetition_penalty") else 1.0,
+            presence_penalty=s.presence_penalty if s.HasField("presence_penalty") else 0.0,
+            frequency_penalty=s.frequency_penalty if s.HasField("frequency_penalty") else 0.0,
+            min_tokens=st.min_tokens if st.HasField("min_tokens") else 0,
         )
         defaults = CompressionConfig()
         compression = CompressionConfig(

@@ -24,6 +24,11 @@ def build_request(
     top_p: float | None = None,
     top_k: int | None = None,
     seed: int | None = None,
+    min_p: float | None = None,
+    repetition_penalty: float | None = None,
+    presence_penalty: float | None = None,
+    frequency_penalty: float | None = None,
+    min_tokens: int | None = None,
     stop: list[str] = (),
     stop_token_ids: list[int] = (),
     policy: str = "",
@@ -38,7 +43,9 @@ def build_request(
     request_id: str = "",
 ) -> pb.GenerateRequest:
     sampling = pb.SamplingParams()
-    for name, value in (("temperature", temperature), ("top_p", top_p), ("top_k", top_k), ("seed", seed)):
+    for name, value in (("temperature", temperature), ("top_p", top_p), ("top_k", top_k), ("seed", seed),
+                        ("min_p", min_p), ("repetition_penalty", repetition_penalty),
+                        ("presence_penalty", presence_penalty), ("frequency_penalty", frequency_penalty)):
         if value is not None:
             setattr(sampling, name, value)
     compression = pb.CompressionConfig(policy=policy, budget=budget, params=params or {})
@@ -53,6 +60,8 @@ def build_request(
         session=pb.SessionRef(id=session_id, create=new_session),
         input_kind=pb.INPUT_KIND_TOOL_OUTPUT if tool_output else pb.INPUT_KIND_USER,
     )
+    if min_tokens is not None:
+        request.stopping.min_tokens = min_tokens
     if token_ids is not None:
         request.token_ids.ids.extend(token_ids)
     elif text is not None:

@@ -134,6 +134,14 @@ def test_abort_frees_slots_at_once(make_engine):
     (dict(input_ids=[7] * 600), "the model's context is 512"),
     (dict(sampling=SamplingParams(temperature=-1)), "temperature"),
     (dict(sampling=SamplingParams(top_p=0)), "top_p"),
+    (dict(sampling=SamplingParams(min_p=1.5)), "min_p must be in"),
+    (dict(sampling=SamplingParams(min_p=float("nan"))), "min_p must be in"),
+    (dict(sampling=SamplingParams(repetition_penalty=0)), "repetition_penalty must be in"),
+    (dict(sampling=SamplingParams(repetition_penalty=11)), "repetition_penalty must be in"),
+    (dict(sampling=SamplingParams(presence_penalty=-2.5)), "presence_penalty must be in"),
+    (dict(sampling=SamplingParams(frequency_penalty=3)), "frequency_penalty must be in"),
+    (dict(sampling=SamplingParams(max_new_tokens=4, min_tokens=5)), "min_tokens must be in"),
+    (dict(sampling=SamplingParams(min_tokens=-1)), "min_tokens must be in"),
     (dict(compression=CompressionConfig(policy="nope", budget=64)), "unknown policy 'nope'"),
     (dict(compression=CompressionConfig(policy="full", budget=10, sinks=4, window=16)), "must exceed the protected"),
 ])
@@ -220,3 +228,49 @@ def test_idle_session_kv_is_dropped_under_memory_pressure_and_reprefilled(make_e
     assert second.usage.cached_tokens == 0  # re-prefilled from the history
     history = [5] * 50 + first.token_ids + [8, 9]
     assert second.token_ids == make_engine().generate([greedy("f", history, n=6)])[0].token_ids
+
+
+
+# ---- logit processors: penalties, min_tokens, min_p -------------------------------------------------------------
+def test_penalties_and_min_tokens_on_a_hand_made_row():
+    from decoder_service.sampling import apply_penalties
+
+    logits = torch.tensor([2.0, -2.0, 1.0, 0.5, 3.0])
+    rep = apply_penalties(logits, SamplingParams(repetition_penalty=2.0), context=[0, 1, 1], generated=[], end_ids=[])
+    torch.testing.assert_close(rep, torch.tensor([1.0, -4.0, 1.0, 0.5, 3.0]))  # positive / 2, negative x 2
+    pen = apply_penalties(logits, SamplingParams(presence_penalty=0.5, frequency_penalty=0.25), context=[0, 2, 2],
+                          generated=[2, 2, 3], end_ids=[])
+    torch.testing.assert_close(pen, torch.tensor([2.0, -2.0, 1.0 - 0.5 - 0.5, 0.5 - 0.5 - 0.25, 3.0]))
+    early = apply_penalties(logits, SamplingParams(min_tokens=2), context=[], generated=[7], end_ids=[4])
+    assert early[4] == float("-inf") and torch.equal(early[:4], logits[:4])
+    late = apply_penalties(logits, SamplingParams(min_tokens=2), context=[], generated=[7, 8], end_ids=[4])
+    assert torch.equal(late, logits)
+    assert torch.equal(logits, torch.tensor([2.0, -2.0, 1.0, 0.5, 3.0]))  # the input row is left alone
+
+
+def test_min_p_draws_only_tokens_near_the_top():
+    from decoder_service.sampling import sample_token
+
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.12, 0.08]))
+    g = torch.Generator().manual_seed(0)
+    params = SamplingParams(temperature=1.0, min_p=0.25)  # threshold 0.125: tokens 2 and 3 are out
+    drawn = {sample_token(logits, params, g) for _ in range(300)}
+    assert drawn == {0, 1}
+    assert {sample_token(logits, SamplingParams(temperature=1.0), g) for _ in range(300)} == {0, 1, 2, 3}
+
+
+def test_min_tokens_holds_back_a_stop_token_and_penalties_change_greedy_output(make_engine):
+    engine = make_engine()
+    plain = engine.generate([greedy("p", PROMPTS[0], n=12)])[0]
+    first = plain.token_ids[0]
+    stopped = engine.generate([GenerationRequest("s", PROMPTS[0], SamplingParams(
+        temperature=0, max_new_tokens=12, stop_token_ids=[first]))])[0]
+    assert stopped.token_ids == [first] and stopped.finish_reason is FinishReason.STOP
+    held = engine.generate([GenerationRequest("h", PROMPTS[0], SamplingParams(
+        temperature=0, max_new_tokens=12, stop_token_ids=[first], min_tokens=3))])[0]
+    assert len(held.token_ids) >= 3 and first not in held.token_ids[:3]
+    repeats = lambda ids: len(ids) - len(set(ids))  # noqa: E731
+    penalized = engine.generate([GenerationRequest("f", PROMPTS[0], SamplingParams(
+        temperature=0, max_new_tokens=12, ignore_eos=True, frequency_penalty=2.0, presence_penalty=2.0))])[0]
+    unpenalized = engine.generate([greedy("u", PROMPTS[0], n=12)])[0]
+    assert penalized.token_ids != unpenalized.token_ids and repeats(penalized.token_ids) <= repeats(unpenalized.token_ids)

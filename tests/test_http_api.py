@@ -81,6 +81,19 @@ def test_completion_equals_the_grpc_greedy_text(client, server, model_name):
     assert kv["peak_kv_slots"] == u.prompt_tokens + u.completion_tokens - 1 and kv["evicted_tokens"] == 0
 
 
+def test_sampling_extras_through_the_openai_client_match_grpc(client, server, model_name):
+    """OpenAI's penalties natively, vLLM's min_p / repetition_penalty / min_tokens through extra_body: the same
+    text as the gRPC request with the same fields (tests/test_engine.py checks what each processor does)."""
+    fields = dict(presence_penalty=1.5, frequency_penalty=0.5)
+    extra = dict(min_p=0.05, repetition_penalty=1.3, min_tokens=6)
+    out = client.completions.create(model=model_name, prompt=MULTIHOP, max_tokens=12, temperature=0, **fields,
+                                    extra_body=extra)
+    stub = connect(server.address)
+    request = build_request(MULTIHOP, max_new_tokens=12, temperature=0.0, **fields, **extra)
+    expected = list(stub.Generate(request, timeout=60))[-1].complete
+    assert out.choices[0].text == expected.text and out.usage.completion_tokens >= 6
+
+
 def test_streaming_chat_equals_the_non_streamed_text(client, model_name):
     messages = [{"role": "system", "content": "ignored by the fallback template"}, {"role": "user", "content": MULTIHOP}]
     whole = client.chat.completions.create(model=model_name, messages=messages, max_tokens=16, temperature=0)
@@ -159,6 +172,14 @@ def test_errors_carry_the_grpc_messages_and_the_server_keeps_serving(http, serve
                 400)
     assert "JSON" in err["message"]
 
+    for field, value, grpc_field in (("min_p", 1.5, "min_p"), ("repetition_penalty", 0, "repetition_penalty"),
+                                     ("presence_penalty", 2.5, "presence_penalty"),
+                                     ("frequency_penalty", -3, "frequency_penalty"), ("min_tokens", 9, "min_tokens")):
+        code, details = grpc_error(server, **{grpc_field: value})  # max_new_tokens is 4: min_tokens 9 is too many
+        err = error(http.post("/v1/completions", json=base | {field: value}), 400)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and err["message"] == details and err["param"] == field
+        assert details.startswith(f"{field} must be in")
+    assert error(http.post("/v1/completions", json=base | {"min_p": "high"}), 400)["param"] == "min_p"
     assert error(http.post("/v1/completions", json=base | {"n": 2}), 400)["message"] == "n > 1 is not supported yet"
     code, details = grpc_error(server, session_id="never-made")
     err = error(http.post("/v1/completions", json=base | {"session_id": "never-made"}), 404)
