@@ -43,6 +43,7 @@ from decoder_service.requests import (
     MAX_STOP_STRING_CHARS,
     MAX_STOP_STRINGS,
     MAX_STOP_TOKEN_IDS,
+    MAX_LOGPROBS,
     MAX_REPETITION_PENALTY,
     MAX_TEMPERATURE,
     CompressionConfig,
@@ -60,10 +61,11 @@ from decoder_service.requests import (
     SessionConflict,
     SessionNotFound,
     TokenEvent,
+    TokenLogprob,
     Usage,
 )
 from decoder_service.sampling import (NON_FINITE, SamplingError, apply_penalties, forced_steps, greedy_tokens,
-                                      sample_token)
+                                      sample_token, token_logprob)
 from decoder_service.sessions import InMemorySessionStore, Session
 from decoder_service.statistics import SequenceStatistics, feature_weights, statistics_bytes
 from kvpilot_protocol.telemetry import DecoderMetrics
@@ -380,6 +382,8 @@ class Engine:
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2 <= getattr(s, name) <= 2:
                 raise InvalidRequest(f"{name} must be in [-2, 2] (got {getattr(s, name)}); 0 disables it")
+        if s.logprobs is not None and not 0 <= s.logprobs <= MAX_LOGPROBS:
+            raise InvalidRequest(f"logprobs must be in [0, {MAX_LOGPROBS}] alternatives per token (got {s.logprobs})")
         if not 0 <= s.min_tokens <= s.max_new_tokens:
             raise InvalidRequest(f"min_tokens must be in [0, max_new_tokens = {s.max_new_tokens}] (got {s.min_tokens})")
         if any(not stop for stop in s.stop):
@@ -737,7 +741,8 @@ class Engine:
             except Exception as exc:
                 self.fail(seq, exc)
                 continue
-            self._append_token(seq, token)
+            wanted = seq.request.sampling.logprobs
+            self._append_token(seq, token, None if wanted is None else token_logprob(logits[row], token, wanted))
         self.metrics.decode_tokens.add(len(samplers))
         self.steps += 1
         for seq, _ in batch:
@@ -794,7 +799,7 @@ class Engine:
         attention.apply_statistics()  # only now: a failed forward is retried without counting anything twice
         return logits
 
-    def _append_token(self, seq: Sequence, token: int) -> None:
+    def _append_token(self, seq: Sequence, token: int, logprob: TokenLogprob | None = None) -> None:
         s = seq.request.sampling
         now = time.monotonic()
         if not seq.generated:
@@ -821,7 +826,8 @@ class Engine:
         # Hold back a tail that could still become a stop string, so stop text is never streamed.
         holdback = 0 if seq.finish_reason else max((len(stop) - 1 for stop in s.stop), default=0)
         upto = max(seq.text_sent, len(seq.text) - holdback)
-        seq.emit(TokenEvent(token_ids=[token], text=seq.text[seq.text_sent:upto]))
+        seq.emit(TokenEvent(token_ids=[token], text=seq.text[seq.text_sent:upto],
+                            logprobs=[logprob] if logprob is not None else []))
         seq.text_sent = upto
 
     def _retire(self, seq: Sequence) -> None:

@@ -67,7 +67,7 @@ PARAM_OF_MESSAGE = [(r"budget\b", "kv_budget"), (r"interval\b", "kv_interval"), 
                     (r"temperature\b", "temperature"), (r"top_p\b", "top_p"), (r"top_k\b", "top_k"),
                     (r"min_p\b", "min_p"), (r"repetition_penalty\b", "repetition_penalty"),
                     (r"presence_penalty\b", "presence_penalty"), (r"frequency_penalty\b", "frequency_penalty"),
-                    (r"min_tokens\b", "min_tokens"),
+                    (r"min_tokens\b", "min_tokens"), (r"logprobs\b", "logprobs"),
                     (r"max_new_tokens\b", "max_tokens"), (r"stop\b", "stop"), (r"(unknown )?session\b", "session_id"),
                     (r"(prompt|text|token id)\b", "prompt")]
 # Known OpenAI / vLLM fields that would change the answer if ignored: refused until supported.
@@ -77,8 +77,6 @@ UNSUPPORTED = {
     "best_of": (lambda v: v in (None, 1), "best_of > 1 is not supported yet"),
     "use_beam_search": (lambda v: not v, "beam search is not supported"),
     "echo": (lambda v: not v, "echo is not supported yet"),
-    "logprobs": (lambda v: v is None or v is False, "logprobs are not supported yet"),
-    "top_logprobs": (lambda v: v in (None, 0), "top_logprobs are not supported yet"),
     "prompt_logprobs": (lambda v: v is None, "prompt_logprobs are not supported yet"),
     "suffix": (lambda v: not v, "suffix (insertion) is not supported"),
     "logit_bias": (lambda v: not v, "logit_bias is not supported yet"),
@@ -95,7 +93,7 @@ UNSUPPORTED = {
 }
 # Accepted and used, or harmless to ignore (bookkeeping fields of the OpenAI API).
 KNOWN = {"model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
-         "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty", "min_tokens",
+         "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty", "min_tokens", "logprobs", "top_logprobs",
          "seed", "stop", "stop_token_ids", "ignore_eos", "add_special_tokens", "stream", "stream_options",
          "request_id", "kv_policy", "kv_params", "session_id", "create_session", "input_kind", "user", "metadata",
          "store", "service_tier", "parallel_tool_calls", *COMPRESSION_FIELDS, *UNSUPPORTED}
@@ -199,9 +197,12 @@ def check_fields(body: dict) -> None:
 
 
 def build_request(body: dict, text: str | None, token_ids: list[int] | None, input_kind: str | None,
-                  request_id: str, max_tokens_field: str = "max_tokens") -> pb.GenerateRequest:
+                  request_id: str, max_tokens_field: str = "max_tokens", chat: bool = False) -> pb.GenerateRequest:
     """The gRPC GenerateRequest an HTTP body stands for (type checks here; value checks in the shared path)."""
     sampling = pb.SamplingParams()
+    logprobs = requested_logprobs(body, chat)
+    if logprobs is not None:
+        sampling.logprobs = logprobs
     for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
         value = _number(body, name)
         if value is not None:
@@ -251,6 +252,40 @@ def build_request(body: dict, text: str | None, token_ids: list[int] | None, inp
     else:
         request.text = text
     return request
+
+
+def requested_logprobs(body: dict, chat: bool) -> int | None:
+    """Alternatives per token, or None: completions take `logprobs: N`; chat takes `logprobs: true` with
+    `top_logprobs: N` (OpenAI's two shapes)."""
+    if not chat:
+        return _int(body, "logprobs", INT32)
+    top = _int(body, "top_logprobs", INT32)
+    if not _bool(body, "logprobs"):
+        if top:
+            raise bad_request("top_logprobs needs \"logprobs\": true", "top_logprobs")
+        return None
+    return top or 0
+
+
+def logprobs_json(events: list, tokenizer, chat: bool, offset: int = 0) -> dict:
+    """OpenAI's logprobs object for these TokenLogprobs: chat's `content` list, or the completions columns."""
+    def token(i: int) -> str:
+        return tokenizer.inner.decode([i], skip_special_tokens=False)
+
+    if chat:
+        def entry(i: int, lp: float) -> dict:
+            text = token(i)
+            return {"token": text, "logprob": lp, "bytes": list(text.encode())}
+
+        return {"content": [entry(lp.token_id, lp.logprob) | {"top_logprobs": [entry(t, v) for t, v in lp.top]}
+                            for lp in events]}
+    tokens = [token(lp.token_id) for lp in events]
+    offsets = []
+    for text in tokens:
+        offsets.append(offset)
+        offset += len(text)
+    return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in events],
+            "top_logprobs": [{token(t): v for t, v in lp.top} for lp in events], "text_offset": offsets}
 
 
 def completion_prompt(body: dict, vocab: int) -> tuple[str | None, list[int] | None]:
@@ -350,6 +385,7 @@ def create_app(servicer, auth=None) -> FastAPI:
     engine = servicer.engine
     model_name = servicer.model_name
     vocab = engine.engine.model_config.vocab_size
+    tokenizer = servicer.tokenizer
     created = int(time.time())
 
     @app.exception_handler(ApiError)
@@ -418,6 +454,7 @@ def create_app(servicer, auth=None) -> FastAPI:
 
     async def _respond(request: Request, body: dict, generation, chat: bool):
         gen = generation.request
+        wants_logprobs = gen.sampling.logprobs is not None
         rid = ("chatcmpl-" if chat else "cmpl-") + gen.request_id
         headers = {"x-request-id": gen.request_id}
         if gen.session_id:
@@ -426,7 +463,8 @@ def create_app(servicer, auth=None) -> FastAPI:
                 "created": int(time.time()), "model": model_name}
         if _bool(body, "stream"):
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            return _GenerationStream(stream_events(generation, head, chat, include_usage), generation, headers)
+            return _GenerationStream(stream_events(generation, head, chat, include_usage, wants_logprobs), generation,
+                                     headers)
         task = asyncio.ensure_future(collect(generation))
         watcher = asyncio.ensure_future(_disconnected(request))
         try:
@@ -439,8 +477,9 @@ def create_app(servicer, auth=None) -> FastAPI:
                     await task
         if task.cancelled():
             return Response(status_code=499)
-        final, warnings = task.result()
-        choice = {"index": 0, "logprobs": None, **finish_fields(final)}
+        final, warnings, logprobs = task.result()
+        choice = {"index": 0, "logprobs": logprobs_json(logprobs, tokenizer, chat) if wants_logprobs else None,
+                  **finish_fields(final)}
         if chat:
             choice["message"] = {"role": "assistant", "content": final.text}
             head["object"] = "chat.completion"
@@ -454,19 +493,27 @@ def create_app(servicer, auth=None) -> FastAPI:
         return JSONResponse(out, headers=headers)
 
     async def collect(generation):
+        logprobs = []
         try:
             async for event, warnings in generation.events():
-                if isinstance(event, FinishEvent):
-                    return event, warnings
+                if isinstance(event, TokenEvent):
+                    logprobs += event.logprobs
+                elif isinstance(event, FinishEvent):
+                    return event, warnings, logprobs
         except RequestError as exc:
             raise ApiError.of(exc) from None
         finally:
             await generation.aclose()
         raise ApiError(500, "the request ended without a final message", code="INTERNAL")
 
-    async def stream_events(generation, head: dict, chat: bool, include_usage: bool):
+    async def stream_events(generation, head: dict, chat: bool, include_usage: bool, wants_logprobs: bool = False):
+        pending: list = []  # logprobs of tokens whose text has not been sent yet (a multi-byte char, a stop prefix)
+
         def chunk(text: str | None = None, role: bool = False, final: FinishEvent | None = None) -> dict:
             choice = {"index": 0, "logprobs": None, "finish_reason": None}
+            if wants_logprobs and not role:
+                choice["logprobs"] = logprobs_json(pending, tokenizer, chat, offset=len(sent))
+                pending.clear()
             if chat:
                 choice["delta"] = {"role": "assistant"} if role else {}
                 if text is not None:
@@ -482,9 +529,12 @@ def create_app(servicer, auth=None) -> FastAPI:
             if chat:
                 yield sse(chunk("", role=True))
             async for event, warnings in generation.events():
+                if isinstance(event, TokenEvent):
+                    pending += event.logprobs
                 if isinstance(event, TokenEvent) and event.text:
+                    piece = chunk(event.text)
                     sent += event.text
-                    yield sse(chunk(event.text))
+                    yield sse(piece)
                 elif isinstance(event, FinishEvent):
                     rest = event.text[len(sent):] if event.text.startswith(sent) else ""
                     last = chunk(rest if rest or not chat else None, final=event)
@@ -516,7 +566,7 @@ def create_app(servicer, auth=None) -> FastAPI:
         body = await read_body(request)
         text, role = chat_prompt(body)
         grpc_request = build_request(body, text, None, "tool" if role == "tool" else _str(body, "input_kind"),
-                                     request_id_of(request, body), max_tokens_field="max_completion_tokens")
+                                     request_id_of(request, body), max_tokens_field="max_completion_tokens", chat=True)
         generation = await start(request, who, grpc_request, "chat")
         return await respond(request, body, generation, chat=True)
 

@@ -66,6 +66,7 @@ class InternalError(RequestError):
 GREEDY_TEMPERATURE = 1e-5
 MAX_TEMPERATURE = 100.0
 MAX_REPETITION_PENALTY = 10.0
+MAX_LOGPROBS = 20  # alternatives per token (OpenAI's top_logprobs limit)
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
 MAX_STOP_TOKEN_IDS = 64
@@ -87,6 +88,9 @@ class SamplingParams:
     presence_penalty: float = 0.0  # subtracted once from each generated token's logit (OpenAI); 0 = off
     frequency_penalty: float = 0.0  # subtracted per occurrence among the generated tokens (OpenAI); 0 = off
     min_tokens: int = 0  # EOS and stop token ids are masked until this many tokens are generated
+    # Log-probabilities: None = off; N = each token's own plus the N most likely alternatives (0-20), from the
+    # distribution after the penalties and before temperature / top-k / top-p / min-p (vLLM's "processed" choice).
+    logprobs: int | None = None
 
     @property
     def greedy(self) -> bool:
@@ -183,9 +187,19 @@ class Usage:
 
 
 @dataclass
+class TokenLogprob:
+    """The log-probability of a generated token and the `top` most likely alternatives [(token id, logprob)]."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
 class TokenEvent:
     token_ids: list[int]
     text: str
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token when the request asked for them
 
 
 @dataclass

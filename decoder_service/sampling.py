@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from decoder_service.requests import InternalError, SamplingParams
+from decoder_service.requests import InternalError, SamplingParams, TokenLogprob
 
 
 class SamplingError(InternalError):
@@ -90,3 +90,12 @@ def forced_steps(logits: Tensor, tokens: list[int], top: int = 5) -> list[tuple[
     in_top = (torch.topk(logits, min(top, logits.shape[-1]), dim=-1).indices == forced[:, None]).any(-1).tolist()
     bad = unsampleable(logits).tolist()
     return [None if b else (lp, a, t) for lp, a, t, b in zip(picked, argmax, in_top, bad)]
+
+
+def token_logprob(logits: Tensor, token: int, top: int) -> TokenLogprob:
+    """The picked token's log-probability under `logits` [V] (penalties applied, no temperature) and the `top`
+    most likely tokens with theirs."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    best = torch.topk(logprobs, min(top, logprobs.shape[-1])) if top else None
+    alternatives = list(zip(best.indices.tolist(), best.values.tolist())) if best is not None else []
+    return TokenLogprob(token_id=token, logprob=float(logprobs[token]), top=alternatives)

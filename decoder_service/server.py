@@ -255,6 +255,7 @@ class DecoderServicer:
             presence_penalty=s.presence_penalty if s.HasField("presence_penalty") else 0.0,
             frequency_penalty=s.frequency_penalty if s.HasField("frequency_penalty") else 0.0,
             min_tokens=st.min_tokens if st.HasField("min_tokens") else 0,
+            logprobs=s.logprobs if s.HasField("logprobs") else None,
         )
         defaults = CompressionConfig()
         compression = CompressionConfig(
@@ -442,7 +443,11 @@ class DecoderServicer:
 
 def to_response(request_id: str, event, warnings: list[str] = ()) -> pb.GenerateResponse:
     if isinstance(event, TokenEvent):
-        return pb.GenerateResponse(request_id=request_id, chunk=pb.TokenChunk(token_ids=event.token_ids, text=event.text))
+        logprobs = [pb.TokenLogprob(token_id=lp.token_id, logprob=lp.logprob,
+                                    top=[pb.TopLogprob(token_id=t, logprob=v) for t, v in lp.top])
+                    for lp in event.logprobs]
+        return pb.GenerateResponse(request_id=request_id, chunk=pb.TokenChunk(token_ids=event.token_ids, text=event.text,
+                                                                               logprobs=logprobs))
     if isinstance(event, EvictionEvent):
         return pb.GenerateResponse(request_id=request_id, eviction=pb.EvictionEvent(
             step=event.step, frame_id=event.frame_id, policy=event.policy, slots_before=event.slots_before,

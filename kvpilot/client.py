@@ -29,6 +29,7 @@ def build_request(
     presence_penalty: float | None = None,
     frequency_penalty: float | None = None,
     min_tokens: int | None = None,
+    logprobs: int | None = None,
     stop: list[str] = (),
     stop_token_ids: list[int] = (),
     policy: str = "",
@@ -45,7 +46,8 @@ def build_request(
     sampling = pb.SamplingParams()
     for name, value in (("temperature", temperature), ("top_p", top_p), ("top_k", top_k), ("seed", seed),
                         ("min_p", min_p), ("repetition_penalty", repetition_penalty),
-                        ("presence_penalty", presence_penalty), ("frequency_penalty", frequency_penalty)):
+                        ("presence_penalty", presence_penalty), ("frequency_penalty", frequency_penalty),
+                        ("logprobs", logprobs)):
         if value is not None:
             setattr(sampling, name, value)
     compression = pb.CompressionConfig(policy=policy, budget=budget, params=params or {})

@@ -274,3 +274,25 @@ def test_min_tokens_holds_back_a_stop_token_and_penalties_change_greedy_output(m
         temperature=0, max_new_tokens=12, ignore_eos=True, frequency_penalty=2.0, presence_penalty=2.0))])[0]
     unpenalized = engine.generate([greedy("u", PROMPTS[0], n=12)])[0]
     assert penalized.token_ids != unpenalized.token_ids and repeats(penalized.token_ids) <= repeats(unpenalized.token_ids)
+
+
+def test_logprobs_are_the_models_distribution_at_each_step(make_engine, tiny_model):
+    engine = make_engine()
+    events = []
+    engine.add_request(GenerationRequest("lp", PROMPTS[0], SamplingParams(temperature=0, max_new_tokens=4,
+                                                                         ignore_eos=True, logprobs=3)), events.append)
+    while engine.has_work():
+        engine.step()
+    steps = [lp for e in events if isinstance(e, TokenEvent) for lp in e.logprobs]
+    generated = [t for e in events if isinstance(e, TokenEvent) for t in e.token_ids]
+    assert [lp.token_id for lp in steps] == generated and all(len(lp.top) == 3 for lp in steps)
+    # Against a plain forward pass over the same tokens: the same log-probabilities, greedy = the top one.
+    ids = torch.tensor([[0] + PROMPTS[0] + generated])
+    with torch.no_grad():
+        logits = tiny_model.model(ids, torch.arange(ids.shape[1])[None])[0]
+    reference = torch.log_softmax(logits.float(), dim=-1)[len(PROMPTS[0]):len(PROMPTS[0]) + 4]
+    for row, lp in zip(reference, steps):
+        assert abs(lp.logprob - float(row[lp.token_id])) < 1e-4
+        assert lp.top[0][0] == lp.token_id and [t for t, _ in lp.top] == torch.topk(row, 3).indices.tolist()
+    with pytest.raises(InvalidRequest, match="logprobs must be in"):
+        engine.add_request(GenerationRequest("bad", [5], SamplingParams(logprobs=21)), lambda ev: None)

@@ -94,6 +94,36 @@ def test_sampling_extras_through_the_openai_client_match_grpc(client, server, mo
     assert out.choices[0].text == expected.text and out.usage.completion_tokens >= 6
 
 
+def test_logprobs_in_both_openai_shapes_streamed_or_not_match_grpc(client, server, model_name):
+    stub = connect(server.address)
+    chunks = [r.chunk for r in stub.Generate(build_request(MULTIHOP, max_new_tokens=6, temperature=0.0, logprobs=2),
+                                             timeout=60) if r.WhichOneof("event") == "chunk"]
+    grpc_lps = [lp for c in chunks for lp in c.logprobs]
+    assert len(grpc_lps) == sum(len(c.token_ids) for c in chunks) == 6
+    assert all(len(lp.top) == 2 and lp.top[0].logprob >= lp.top[1].logprob for lp in grpc_lps)
+
+    out = client.completions.create(model=model_name, prompt=MULTIHOP, max_tokens=6, temperature=0, logprobs=2)
+    lp = out.choices[0].logprobs
+    assert lp.token_logprobs == pytest.approx([x.logprob for x in grpc_lps], abs=1e-5)
+    assert "".join(lp.tokens).replace(" ", "") == out.choices[0].text.replace(" ", "")
+    assert all(len(top) <= 2 for top in lp.top_logprobs) and lp.text_offset[0] == 0
+
+    chat = client.chat.completions.create(model=model_name, messages=[{"role": "user", "content": MULTIHOP}],
+                                          max_tokens=6, temperature=0, logprobs=True, top_logprobs=2)
+    content = chat.choices[0].logprobs.content
+    assert [c.logprob for c in content] == pytest.approx([x.logprob for x in grpc_lps], abs=1e-5)
+    assert all(len(c.top_logprobs) == 2 and c.bytes == list(c.token.encode()) for c in content)
+
+    streamed = [c for part in client.chat.completions.create(
+        model=model_name, messages=[{"role": "user", "content": MULTIHOP}], max_tokens=6, temperature=0,
+        logprobs=True, top_logprobs=1, stream=True) if part.choices and part.choices[0].logprobs
+        for c in part.choices[0].logprobs.content]
+    assert [c.logprob for c in streamed] == pytest.approx([x.logprob for x in grpc_lps], abs=1e-5)
+    plain = client.chat.completions.create(model=model_name, messages=[{"role": "user", "content": MULTIHOP}],
+                                           max_tokens=2, temperature=0)
+    assert plain.choices[0].logprobs is None
+
+
 def test_streaming_chat_equals_the_non_streamed_text(client, model_name):
     messages = [{"role": "system", "content": "ignored by the fallback template"}, {"role": "user", "content": MULTIHOP}]
     whole = client.chat.completions.create(model=model_name, messages=messages, max_tokens=16, temperature=0)
@@ -180,6 +210,14 @@ def test_errors_carry_the_grpc_messages_and_the_server_keeps_serving(http, serve
         assert code == grpc.StatusCode.INVALID_ARGUMENT and err["message"] == details and err["param"] == field
         assert details.startswith(f"{field} must be in")
     assert error(http.post("/v1/completions", json=base | {"min_p": "high"}), 400)["param"] == "min_p"
+    code, details = grpc_error(server, logprobs=21)
+    err = error(http.post("/v1/completions", json=base | {"logprobs": 21}), 400)
+    assert err["message"] == details and err["param"] == "logprobs" and details.startswith("logprobs must be in")
+    chat = {"model": model_name, "messages": [{"role": "user", "content": MULTIHOP}], "max_tokens": 2}
+    err = error(http.post("/v1/chat/completions", json=chat | {"top_logprobs": 3}), 400)
+    assert err["param"] == "top_logprobs" and "logprobs" in err["message"]
+    assert error(http.post("/v1/chat/completions", json=chat | {"logprobs": True, "top_logprobs": 25}),
+                 400)["param"] == "logprobs"
     assert error(http.post("/v1/completions", json=base | {"n": 2}), 400)["message"] == "n > 1 is not supported yet"
     code, details = grpc_error(server, session_id="never-made")
     err = error(http.post("/v1/completions", json=base | {"session_id": "never-made"}), 404)
