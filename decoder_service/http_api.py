@@ -47,6 +47,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from decoder_service.chat_template import ChatTemplate, ChatTemplateError, load_chat_template
 from decoder_service.requests import FinishEvent, FinishReason, RequestError, TokenEvent
 from kvpilot_protocol import telemetry
 from kvpilot_protocol.v1 import decoder_pb2 as pb
@@ -305,13 +306,26 @@ def completion_prompt(body: dict, vocab: int) -> tuple[str | None, list[int] | N
     raise bad_request("prompt must be a string or a list of token ids", "prompt")
 
 
-def chat_prompt(body: dict) -> tuple[str, str]:
-    """Render the messages as the prompt, and the input kind of its last message.
+def message_text(message: dict) -> str:
+    content = message.get("content")
+    if content is None and message.get("role") == "assistant":
+        return ""
+    if isinstance(content, list):  # content parts: text only
+        if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
+            raise bad_request("only text content parts are supported", "messages")
+        content = "".join(p["text"] for p in content)
+    if not isinstance(content, str):
+        raise bad_request("a message's content must be a string or a list of text parts", "messages")
+    return content
 
-    Fallback template until chat templates exist (Jinja chat templates come with the chat-template work): the
-    bundled reasoner's prompts are plain task text, so the prompt is the content of the last message, which must
-    come from the user (a new turn) or a tool (a tool output: input_kind tool). Earlier messages are not rendered;
-    keep a conversation's context on the server with session_id / create_session."""
+
+def chat_prompt(body: dict, template: ChatTemplate | None = None) -> tuple[str, str, bool]:
+    """Render the messages as the prompt: (text, the last message's role, whether the chat template rendered it).
+
+    With the checkpoint's chat template (decoder_service/chat_template.py) every message is rendered, unless the
+    request continues a session (`session_id` without `create_session`): the session already holds the earlier
+    turns, so only the last message's content is appended, as without a template. Without a template the prompt
+    is the content of the last message, which must come from the user (a new turn) or a tool (input_kind tool)."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise bad_request("messages must be a non-empty list of {role, content} objects", "messages")
@@ -321,17 +335,17 @@ def chat_prompt(body: dict) -> tuple[str, str]:
             raise bad_request("each message must be an object with a role (system, developer, user, assistant, "
                               "tool) and a content", "messages")
     last = messages[-1]
+    continues_session = bool(body.get("session_id")) and not body.get("create_session")
+    if template is not None and not continues_session:
+        rendered = [{**m, "content": message_text(m)} for m in messages]
+        try:
+            return template.render(rendered, add_generation_prompt=True), last["role"], True
+        except ChatTemplateError as exc:
+            raise bad_request(str(exc), "messages") from None
     if last["role"] not in ("user", "tool"):
         raise bad_request(f"the last message must come from the user or a tool (got {last['role']}): without a "
                           "chat template the prompt is the last message's content", "messages")
-    content = last.get("content")
-    if isinstance(content, list):  # content parts: text only
-        if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
-            raise bad_request("only text content parts are supported", "messages")
-        content = "".join(p["text"] for p in content)
-    if not isinstance(content, str):
-        raise bad_request("the last message's content must be a string or a list of text parts", "messages")
-    return content, last["role"]
+    return message_text(last), last["role"], False
 
 
 # ---- responses --------------------------------------------------------------------------------------------
@@ -386,6 +400,11 @@ def create_app(servicer, auth=None) -> FastAPI:
     model_name = servicer.model_name
     vocab = engine.engine.model_config.vocab_size
     tokenizer = servicer.tokenizer
+    loaded = engine.engine.loaded
+    special = lambda ids: tokenizer.inner.decode(ids[:1], skip_special_tokens=False) if ids else ""  # noqa: E731
+    template = load_chat_template(loaded.path, bos_token=special([tokenizer.bos_token_id] if tokenizer.bos_token_id
+                                                                 is not None else []),
+                                  eos_token=special(tokenizer.eos_token_ids))
     created = int(time.time())
 
     @app.exception_handler(ApiError)
@@ -561,12 +580,15 @@ def create_app(servicer, auth=None) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        """Chat completion (OpenAI Chat Completions API); messages rendered by chat_prompt's fallback template."""
+        """Chat completion (OpenAI Chat Completions API); messages rendered by the checkpoint's chat template."""
         who = principal(request)
         body = await read_body(request)
-        text, role = chat_prompt(body)
-        grpc_request = build_request(body, text, None, "tool" if role == "tool" else _str(body, "input_kind"),
-                                     request_id_of(request, body), max_tokens_field="max_completion_tokens", chat=True)
+        text, role, templated = chat_prompt(body, template)
+        kind = "user" if templated else "tool" if role == "tool" else _str(body, "input_kind")
+        grpc_request = build_request(body, text, None, kind, request_id_of(request, body),
+                                     max_tokens_field="max_completion_tokens", chat=True)
+        if templated and body.get("add_special_tokens") is None:
+            grpc_request.add_bos = False  # the template writes BOS itself where the model wants one
         generation = await start(request, who, grpc_request, "chat")
         return await respond(request, body, generation, chat=True)
 
