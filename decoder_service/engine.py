@@ -815,7 +815,7 @@ class Engine:
             for stop in s.stop:
                 at = seq.text.find(stop, max(0, seq.text_sent - len(stop)))
                 if at >= 0:
-                    seq.text = seq.text[:at]
+                    seq.text = seq.text[:at + len(stop) if s.include_stop else at]
                     seq.finish_reason, seq.matched_stop = FinishReason.STOP, stop
                     break
         forced = seq.request.forced_tokens  # a teacher-forced sequence ends after its last forced token

@@ -95,6 +95,7 @@ UNSUPPORTED = {
 # Accepted and used, or harmless to ignore (bookkeeping fields of the OpenAI API).
 KNOWN = {"model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
          "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty", "min_tokens", "logprobs", "top_logprobs",
+         "include_stop_str_in_output",
          "seed", "stop", "stop_token_ids", "ignore_eos", "add_special_tokens", "stream", "stream_options",
          "request_id", "kv_policy", "kv_params", "session_id", "create_session", "input_kind", "user", "metadata",
          "store", "service_tier", "parallel_tool_calls", *COMPRESSION_FIELDS, *UNSUPPORTED}
@@ -214,7 +215,8 @@ def build_request(body: dict, text: str | None, token_ids: list[int] | None, inp
     seed = _int(body, "seed", UINT64)
     if seed is not None:
         sampling.seed = seed
-    stopping = pb.StoppingCriteria(stop=_strings(body, "stop"), ignore_eos=bool(_bool(body, "ignore_eos")))
+    stopping = pb.StoppingCriteria(stop=_strings(body, "stop"), ignore_eos=bool(_bool(body, "ignore_eos")),
+                                   include_stop=bool(_bool(body, "include_stop_str_in_output")))
     ids = body.get("stop_token_ids")
     if ids is not None:
         if not isinstance(ids, list):

@@ -88,6 +88,7 @@ class SamplingParams:
     presence_penalty: float = 0.0  # subtracted once from each generated token's logit (OpenAI); 0 = off
     frequency_penalty: float = 0.0  # subtracted per occurrence among the generated tokens (OpenAI); 0 = off
     min_tokens: int = 0  # EOS and stop token ids are masked until this many tokens are generated
+    include_stop: bool = False  # keep a matched stop string at the end of the text (vLLM's include_stop_str_in_output)
     # Log-probabilities: None = off; N = each token's own plus the N most likely alternatives (0-20), from the
     # distribution after the penalties and before temperature / top-k / top-p / min-p (vLLM's "processed" choice).
     logprobs: int | None = None

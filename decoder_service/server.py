@@ -256,6 +256,7 @@ class DecoderServicer:
             frequency_penalty=s.frequency_penalty if s.HasField("frequency_penalty") else 0.0,
             min_tokens=st.min_tokens if st.HasField("min_tokens") else 0,
             logprobs=s.logprobs if s.HasField("logprobs") else None,
+            include_stop=st.include_stop,
         )
         defaults = CompressionConfig()
         compression = CompressionConfig(

@@ -296,3 +296,19 @@ def test_logprobs_are_the_models_distribution_at_each_step(make_engine, tiny_mod
         assert lp.top[0][0] == lp.token_id and [t for t, _ in lp.top] == torch.topk(row, 3).indices.tolist()
     with pytest.raises(InvalidRequest, match="logprobs must be in"):
         engine.add_request(GenerationRequest("bad", [5], SamplingParams(logprobs=21)), lambda ev: None)
+
+
+def test_a_stop_string_ends_the_text_and_stays_only_when_asked(make_engine):
+    engine = make_engine()
+    plain = engine.generate([greedy("p", PROMPTS[1], n=24)])[0]
+    text = plain.text
+    stop = next(text[i:i + 2] for i in range(3, len(text) - 2) if text[i:i + 2].strip() and text[i:i + 2].isprintable())
+    cut = text.index(stop)
+
+    def run(include: bool):
+        return engine.generate([GenerationRequest("s", PROMPTS[1], SamplingParams(
+            temperature=0, max_new_tokens=24, ignore_eos=True, stop=[stop], include_stop=include))])[0]
+
+    dropped, kept = run(False), run(True)
+    assert dropped.text == text[:cut] and dropped.finish_reason is FinishReason.STOP
+    assert kept.text == text[:cut + len(stop)] and kept.matched_stop == stop

@@ -92,6 +92,10 @@ def test_sampling_extras_through_the_openai_client_match_grpc(client, server, mo
     request = build_request(MULTIHOP, max_new_tokens=12, temperature=0.0, **fields, **extra)
     expected = list(stub.Generate(request, timeout=60))[-1].complete
     assert out.choices[0].text == expected.text and out.usage.completion_tokens >= 6
+    kept = client.completions.create(model=model_name, prompt=MULTIHOP, max_tokens=12, temperature=0, stop=["</call>"],
+                                     extra_body={"include_stop_str_in_output": True})
+    dropped = client.completions.create(model=model_name, prompt=MULTIHOP, max_tokens=12, temperature=0, stop=["</call>"])
+    assert kept.choices[0].text == dropped.choices[0].text + "</call>" and kept.choices[0].finish_reason == "stop"
 
 
 def test_logprobs_in_both_openai_shapes_streamed_or_not_match_grpc(client, server, model_name):
