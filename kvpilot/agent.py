@@ -204,19 +204,25 @@ def run_episode_grpc(stub, episode: Episode, tokenizer, out: TextIO = sys.stdout
     return result
 
 
-def run_episode_demo(stub, engine: Engine, args) -> bool:
+def run_episode_demo(stub, engine: Engine, args, policy: str | None = None, budget: int | None = None,
+                     intro: bool = True) -> EpisodeResult:
     """`kvpilot demo` with the bundled model: one multi-hop question, streamed, checked."""
     from kvpilot.tasks import make_episode
 
+    policy = args.policy if policy is None else policy
+    budget = args.budget if budget is None else budget
     episode = make_episode(args.task, seed=args.seed)
-    print(f"task {episode.task} (seed {episode.seed}, {episode.difficulty}); the model calls a lookup tool, "
-          f"reads its output and follows the chain.\n")
-    print(f"prompt: {episode.prompt}\n--- stream (tool outputs dimmed) ---")
-    result = run_episode_grpc(stub, episode, engine.tokenizer, policy=args.policy, budget=args.budget)
+    if intro:
+        print(f"task {episode.task} (seed {episode.seed}, {episode.difficulty}); the model calls a lookup tool, "
+              f"reads its output and follows the chain.\n")
+        print(f"prompt: {episode.prompt}")
+    bound = f"policy {policy}, budget {budget} slots" if policy != "full" else "full cache"
+    print(f"--- stream, {bound} (tool outputs dimmed) ---")
+    result = run_episode_grpc(stub, episode, engine.tokenizer, policy=policy, budget=budget)
     print("--- result ---")
     verdict = "RIGHT" if result.correct else "WRONG"
     print(f"model answer: {episode.extract_answer(result.text)!r}; expected {episode.answer!r}: {verdict}")
     print(f"turns {result.turns}, sequence {result.total_tokens} tokens ({result.generated_tokens} written by the model), "
           f"peak KV {result.peak_kv_slots} slots ({result.peak_kv_slots * engine.pool.slot_bytes / 1024:.1f} KiB), "
           f"evicted {result.evicted_tokens} in {result.compression_events} compressions")
-    return result.answered
+    return result

@@ -162,6 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=7, help="which episode")
     p.add_argument("--policy", default="full")
     p.add_argument("--budget", type=int, default=0)
+    p.add_argument("--compare", default="rkv",
+                   help="with the full cache (the default), run the episode again under this policy ('none': don't)")
+    p.add_argument("--compare-budget", type=int, default=112,
+                   help="KV slots for --compare (the default episode is 190 tokens)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("calibrate", help="measure a model's TriAttention query centres (written beside it)")

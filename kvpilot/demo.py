@@ -1,5 +1,6 @@
 """`kvpilot demo`: the main job. Starts the decoder in-process (engine + embedded policy + default model) behind
-a real gRPC server on loopback, runs one request through the client, prints the stream and the usage."""
+a real gRPC server on loopback, runs one episode through the client with the full cache and again under a bounded
+policy (`--compare`, `--compare-budget`), streams both and prints peak KV and answers side by side."""
 from __future__ import annotations
 
 import sys
@@ -25,7 +26,13 @@ def run_demo(args) -> int:
         if getattr(engine.tokenizer, "inner", None) is not None and _has_tasks(engine):
             from kvpilot.agent import run_episode_demo
 
-            ok = run_episode_demo(stub, engine, args)
+            results = [(args.policy, args.budget, run_episode_demo(stub, engine, args))]
+            if args.policy == "full" and args.compare != "none":
+                print(f"\nThe same episode again under {args.compare} with {args.compare_budget} KV slots:\n")
+                results.append((args.compare, args.compare_budget,
+                                run_episode_demo(stub, engine, args, args.compare, args.compare_budget, intro=False)))
+                print_comparison(results, engine.pool.slot_bytes)
+            ok = all(r.answered for _, _, r in results)
         else:
             print("(random-weight model: the text is noise; the stream, the KV accounting and the usage are real)\n")
             print(f"prompt: {RANDOM_MODEL_PROMPT}\n--- stream ---")
@@ -37,6 +44,20 @@ def run_demo(args) -> int:
             ok = complete.usage.generated_tokens > 0
     print(f"demo finished in {time.monotonic() - started:.1f} s")
     return 0 if ok else 1
+
+
+def print_comparison(results, slot_bytes: int) -> None:
+    """Full cache and bounded policy side by side: what the memory bought and what it cost."""
+    print("\n--- side by side ---")
+    print(f"{'policy':<14} {'budget':>7} {'peak KV':>16} {'evicted':>8} {'answer':<16} verdict")
+    for policy, budget, r in results:
+        answer = r.episode.extract_answer(r.text)
+        peak = f"{r.peak_kv_slots} ({r.peak_kv_slots * slot_bytes / 1024:.0f} KiB)"
+        print(f"{policy:<14} {budget or '-':>7} {peak:>16} {r.evicted_tokens:>8} {str(answer):<16} "
+              f"{'RIGHT' if r.correct else 'WRONG'}")
+    full, bounded = results[0][2], results[-1][2]
+    if full.peak_kv_slots:
+        print(f"peak KV {bounded.peak_kv_slots / full.peak_kv_slots:.0%} of the full cache's")
 
 
 def _has_tasks(engine) -> bool:

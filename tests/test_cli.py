@@ -22,10 +22,18 @@ def test_demo_streams_a_multihop_episode_and_checks_the_answer(tmp_path):
     out = subprocess.run(KVPILOT + ["demo", "--kv-pool-mb", "16"], env=env(tmp_path), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "model reasoner" in out.stdout and "task multihop" in out.stdout
-    assert "--- stream (tool outputs dimmed) ---" in out.stdout and "<call>" in out.stdout and "<tool> #0" in out.stdout
+    assert "--- stream, full cache (tool outputs dimmed) ---" in out.stdout and "<call>" in out.stdout
+    assert "<tool> #0" in out.stdout
     # The bundled model solves the demo's episode with the full cache: the verdict line says so.
     assert "expected" in out.stdout and ": RIGHT" in out.stdout, out.stdout[-600:]
     assert "peak KV" in out.stdout and "evicted 0 in 0 compressions" in out.stdout
+    # Then the same episode under rkv with 112 slots, and the two side by side.
+    assert "--- stream, policy rkv, budget 112 slots" in out.stdout and "[evicted " in out.stdout
+    table = out.stdout.split("--- side by side ---")[1].splitlines()
+    full = next(line for line in table if line.startswith("full")).split()
+    bounded = next(line for line in table if line.startswith("rkv")).split()
+    assert int(bounded[2]) < int(full[2]) and int(bounded[5]) > 0 == int(full[5])  # peak slots, evicted
+    assert "of the full cache's" in out.stdout
 
 
 def test_demo_with_a_budget_shows_evictions(tmp_path):
