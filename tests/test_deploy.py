@@ -31,6 +31,10 @@ METRICS = {
     "kvpilot.decode.tokens": ("counter", "1", "kvpilot_decode_tokens_total"),
     "kvpilot.policy.fallbacks": ("counter", "1", "kvpilot_policy_fallbacks_total"),
     "kvpilot.policy.decisions_dropped": ("counter", "1", "kvpilot_policy_decisions_dropped_total"),
+    "kvpilot.requests": ("counter", "{request}", "kvpilot_requests_total"),
+    "gen_ai.server.request.duration": ("histogram", "s", "gen_ai_server_request_duration_seconds"),
+    "gen_ai.server.time_to_first_token": ("histogram", "s", "gen_ai_server_time_to_first_token_seconds"),
+    "gen_ai.server.time_per_output_token": ("histogram", "s", "gen_ai_server_time_per_output_token_seconds"),
 }
 HISTOGRAM_SERIES = ("_bucket", "_sum", "_count")
 PROM_SERIES = {name + suffix for kind, _, name in METRICS.values()
@@ -209,7 +213,7 @@ def test_metric_names_match_the_decoder_instruments():
         assert created[otel][0].endswith(kind) and created[otel][1] == unit, (otel, created[otel])
         # The exporter's rule: dots -> underscores, unit suffix (By -> bytes, s -> seconds, 1 -> none),
         # then _total for counters.
-        expected = otel.replace(".", "_") + {"By": "_bytes", "s": "_seconds", "1": ""}[unit]
+        expected = otel.replace(".", "_") + {"By": "_bytes", "s": "_seconds", "1": "", "{request}": ""}[unit]
         assert prom == expected + ("_total" if kind == "counter" else "")
 
 
@@ -218,7 +222,7 @@ def test_dashboard_queries_use_known_metrics(dashboard):
     exprs += [v["definition"] for v in dashboard["templating"]["list"]]
     # Label names (kvpilot_policy, kvpilot_kind) live in `by (...)` groupings and `{...}` selectors: drop those.
     bare = [re.sub(r"\b(by|without)\s*\([^)]*\)|\{[^}]*\}", "", e) for e in exprs]
-    used = {m for e in bare for m in re.findall(r"\bkvpilot_[a-z0-9_]+", e)}
+    used = {m for e in bare for m in re.findall(r"\b(?:kvpilot|gen_ai)_[a-z0-9_]+", e)}
     assert used and used <= PROM_SERIES, f"unknown metrics in dashboard queries: {used - PROM_SERIES}"
     for _, _, prom in METRICS.values():
         assert any(u.startswith(prom) for u in used), f"no panel shows {prom}"
@@ -234,13 +238,14 @@ def test_dashboard_panels_and_datasources(dashboard):
     assert len(ids) == len(set(ids))
     titles = " | ".join(p["title"] for p in dashboard["panels"]).lower()
     for words in ("kv bytes", "evicted tokens/s per policy", "compaction seconds", "policy round trip",
-                  "decode tokens/s", "fallbacks/s", "decisions dropped/s", "traces"):
+                  "decode tokens/s", "fallbacks/s", "decisions dropped/s", "traces", "time to first token",
+                  "request duration", "time per output token", "errors/s by status"):
         assert words in titles, words
     for panel in dashboard["panels"]:
         for ds in [panel["datasource"]] + [t["datasource"] for t in panel.get("targets", [])]:
             assert uids.get(ds["uid"]) == ds["type"], (panel["title"], ds)
     quantile_panels = [p for p in dashboard["panels"] if "p95" in p["title"]]
-    assert len(quantile_panels) == 2
+    assert len(quantile_panels) == 5  # compaction, policy round trip, TTFT, request duration, time per token
     for p in quantile_panels:
         assert [t["expr"].split(",")[0] for t in p["targets"]] == ["histogram_quantile(0.5", "histogram_quantile(0.95"]
     trace_queries = " ".join(t.get("query", "") for p in dashboard["panels"] if p["datasource"]["uid"] == "tempo"
