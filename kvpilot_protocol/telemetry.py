@@ -23,6 +23,9 @@ LATENCY_BUCKETS_S = [1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1
 _propagator = TraceContextTextMapPropagator()
 
 
+_serving_lock = threading.Lock()  # guards the process-wide metric holders below
+
+
 def setup_telemetry(service_name: str, prometheus: bool = False) -> bool:
     """Install OTLP trace and metric exporters if the environment asks for them, and with `prometheus` a
     Prometheus reader of every metric here (rendered by `prometheus_text()`: the HTTP API's /metrics). Returns
@@ -225,6 +228,37 @@ class DecoderMetrics:
                                             metrics.Observation(pool.reserved_bytes, {"kvpilot.kind": "reserved"})]])
 
 
+# ---- policy service metrics -------------------------------------------------------------------------------
+class PolicyMetrics:
+    """What a policy replica exports: decisions by policy and outcome (ok / error), and how long deciding took."""
+
+    def __init__(self):
+        meter = metrics.get_meter(TRACER_NAME)
+        self.decisions = meter.create_counter("kvpilot.policy.decisions", unit="{decision}",
+                                              description="frames decided, by policy and outcome (ok, error)")
+        self.decide = meter.create_histogram("kvpilot.policy.decide.duration", unit="s",
+                                             description="frame received -> plan (scorer time, on the replica)",
+                                             explicit_bucket_boundaries_advisory=LATENCY_BUCKETS_S)
+
+    def decided(self, policy: str, seconds: float, error: Exception | None = None) -> None:
+        attributes = {"kvpilot.policy": policy, "outcome": "error" if error is not None else "ok"}
+        if error is not None:
+            attributes["error.type"] = type(error).__name__
+        self.decisions.add(1, attributes)
+        self.decide.record(seconds, attributes)
+
+
+_policy_metrics: PolicyMetrics | None = None
+
+
+def policy_metrics() -> PolicyMetrics:
+    global _policy_metrics
+    with _serving_lock:
+        if _policy_metrics is None:
+            _policy_metrics = PolicyMetrics()
+        return _policy_metrics
+
+
 # ---- serving metrics (both front ends: gRPC Generate and the OpenAI-compatible HTTP API) -----------------------
 # Bucket boundaries of the OpenTelemetry GenAI semantic conventions (time per output token with finer low buckets:
 # a small model decodes a token in about a millisecond).
@@ -319,7 +353,6 @@ class ServingMetrics:
 
 
 _serving_metrics: ServingMetrics | None = None
-_serving_lock = threading.Lock()
 
 
 def serving_metrics() -> ServingMetrics:

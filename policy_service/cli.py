@@ -11,6 +11,8 @@ def add_arguments(parser) -> None:
     p = sub.add_parser("serve", help="run the policy service (plain gRPC, or a Ray Serve app with --ray)")
     p.add_argument("--address", default="127.0.0.1:50052", help="host:port of the gRPC endpoint")
     p.add_argument("--redis-url", help="per-session decision log and counters in Redis (stateless replicas)")
+    p.add_argument("--metrics-port", type=int,
+                   help="serve Prometheus /metrics on this port (decisions by policy and outcome, decide seconds)")
     p.add_argument("--ray", action="store_true", help="serve as a Ray Serve deployment with autoscaling")
     p.add_argument("--ray-address", help="join this Ray cluster instead of starting a local one")
     p.add_argument("--ray-cpus", type=int, default=4, help="logical CPUs of the local Ray cluster")
@@ -31,8 +33,19 @@ def add_arguments(parser) -> None:
 def serve_cmd(args) -> int:
     from kvpilot_protocol.telemetry import setup_telemetry
 
-    setup_telemetry("kvpilot-policy")
+    if args.metrics_port is not None and not 0 <= args.metrics_port <= 65535:
+        raise SystemExit(f"error: --metrics-port must be in [0, 65535] (got {args.metrics_port})")
+    if args.metrics_port is not None and args.ray:
+        raise SystemExit("error: --metrics-port serves this process's metrics; Ray Serve replicas run in their own "
+                         "processes: read them through Ray's metrics export (or OTLP with OTEL_EXPORTER_OTLP_ENDPOINT)")
+    setup_telemetry("kvpilot-policy", prometheus=args.metrics_port is not None)
     host, _, port = args.address.rpartition(":")
+    if args.metrics_port is not None:
+        from prometheus_client import start_http_server
+
+        # The OTel Prometheus reader registered itself in prometheus_client's default registry.
+        start_http_server(args.metrics_port, addr=host or "127.0.0.1")
+        print(f"policy metrics on http://{host or '127.0.0.1'}:{args.metrics_port}/metrics", flush=True)
     from kvpilot_protocol.security import server_security
 
     try:

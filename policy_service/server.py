@@ -57,11 +57,13 @@ class PolicyCore:
             except Exception as exc:  # answered in-band: the decoder falls back and reports it
                 log.warning("frame %d of %s: %s", message.frame_id, message.session_id, exc)
                 telemetry.record_decide_error(span, exc)
+                telemetry.policy_metrics().decided(message.policy, time.perf_counter() - start, exc)
                 return pb.Decision(frame_id=message.frame_id, session_id=message.session_id,
                                    request_id=message.request_id, policy=message.policy,
                                    seed=message.seed, replica=self.replica, error=f"{type(exc).__name__}: {exc}")
             decision = Decision(frame_id=message.frame_id, plan=plan, policy=message.policy, seed=message.seed,
                                 latency_s=time.perf_counter() - start)
+            telemetry.policy_metrics().decided(message.policy, decision.latency_s)
             kept = plan.count if isinstance(plan, KeepSet) else (message.n if plan is None else getattr(plan, "count", 0))
             telemetry.annotate_decision(span, decision, kept, message.n)
         self.decided += 1

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -157,3 +158,34 @@ def test_policy_service_killed_mid_generation_then_back(make_engine):
         client.close()
         proc.kill()
         proc.wait()
+
+
+def test_policy_process_serves_its_own_prometheus_metrics(make_engine):
+    """`kvpilot policy serve --metrics-port`: decisions by policy and outcome, and decide seconds, scraped."""
+    import urllib.request
+
+    port, metrics_port = free_port(), free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "kvpilot.cli", "policy", "serve", "--address", f"127.0.0.1:{port}",
+                             "--metrics-port", str(metrics_port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dict(os.environ))
+    try:
+        assert "policy metrics on" in proc.stdout.readline()
+        assert "policy service on" in proc.stdout.readline()
+        client = RemotePolicy(f"127.0.0.1:{port}")
+        assert client.wait_until_available(20)
+        engine = make_engine(prefill_chunk=64)
+        engine.compressor.policy = client
+        done = engine.generate([request("m", n=60)])
+        assert done[0].usage.compression_events > done[0].usage.fallbacks  # some decided remotely (late ones fall back)
+        client.close()
+        text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+        decided = re.search(r'^kvpilot_policy_decisions_total\{[^}]*kvpilot_policy="h2o"[^}]*outcome="ok"[^}]*\} (\S+)$',
+                            text, re.M)
+        assert decided and float(decided.group(1)) >= 1, text[-2000:]
+        assert re.search(r'^kvpilot_policy_decide_duration_seconds_bucket\{', text, re.M)
+    finally:
+        proc.kill()
+        proc.wait()
+    bad = subprocess.run([sys.executable, "-m", "kvpilot.cli", "policy", "serve", "--ray", "--metrics-port", "9000"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "Ray Serve replicas run in their own processes" in bad.stderr
