@@ -227,7 +227,8 @@ class Engine:
         if parent is not None:
             history = parent.token_ids[:parent.num_computed]
         input_ids = list(request.input_ids)
-        if not history and parent is None and request.add_bos and self.model_config.bos_token_id is not None:
+        add_bos = self.tokenizer.adds_bos if request.add_bos is None else request.add_bos
+        if not history and parent is None and add_bos and self.model_config.bos_token_id is not None:
             if not input_ids or input_ids[0] != self.model_config.bos_token_id:
                 input_ids = [self.model_config.bos_token_id] + input_ids
         total = len(history) + len(input_ids)

@@ -140,7 +140,7 @@ class GenerationRequest:
     session_id: str | None = None
     create_session: bool = False
     input_kind: SegmentKind = SegmentKind.USER
-    add_bos: bool = True  # only for the first turn of a sequence
+    add_bos: bool | None = None  # first turn only; None: as the tokenizer does (TextTokenizer.adds_bos)
     trace_parent: object = field(default=None, compare=False, repr=False)  # the `generate` span, if traced
     deadline: float | None = None  # time.monotonic() after which the request ends with DEADLINE_EXCEEDED
     principal: str | None = None  # the authenticated caller (sessions belong to their creator); None = auth off

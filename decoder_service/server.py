@@ -276,7 +276,7 @@ class DecoderServicer:
             session_id=request.session.id or None,
             create_session=request.session.create,
             input_kind=SegmentKind.TOOL if request.input_kind == pb.INPUT_KIND_TOOL_OUTPUT else SegmentKind.USER,
-            add_bos=request.add_bos if request.HasField("add_bos") else True,
+            add_bos=request.add_bos if request.HasField("add_bos") else None,
         )
 
     async def reconcile_parked(self) -> int:

@@ -1,21 +1,27 @@
 """Tokenizer wrapper (Hugging Face `tokenizers`) with streaming detokenization."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from tokenizers import Tokenizer
 
 
 class TextTokenizer:
-    def __init__(self, tokenizer: Tokenizer, eos_token_ids: list[int] | None = None, bos_token_id: int | None = None):
+    def __init__(self, tokenizer: Tokenizer, eos_token_ids: list[int] | None = None, bos_token_id: int | None = None,
+                 adds_bos: bool | None = None):
         self.inner = tokenizer
         self.eos_token_ids = list(eos_token_ids or [])
         self.bos_token_id = bos_token_id
         self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+        # Whether a first prompt starts with BOS when the request does not say (see bos_rule); None: when the model
+        # has a BOS id (kvpilot's own checkpoints, trained with one).
+        self.adds_bos = bos_token_id is not None if adds_bos is None else adds_bos
 
     @classmethod
     def from_file(cls, path: str | Path, eos_token_ids: list[int] | None = None, bos_token_id: int | None = None) -> "TextTokenizer":
-        return cls(Tokenizer.from_file(str(path)), eos_token_ids, bos_token_id)
+        inner = Tokenizer.from_file(str(path))
+        return cls(inner, eos_token_ids, bos_token_id, adds_bos=bos_rule(inner, Path(path).parent, bos_token_id))
 
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
         ids = self.inner.encode(text, add_special_tokens=False).ids
@@ -89,3 +95,18 @@ def build_byte_level_tokenizer(vocab_size: int = 512) -> Tokenizer:
     )
     tok.train_from_iterator([_RANDOM_MODEL_CORPUS] * 4, trainer=trainer)
     return tok
+
+
+def bos_rule(inner: Tokenizer, directory: Path, bos_token_id: int | None) -> bool | None:
+    """Does this tokenizer start a prompt with BOS? As transformers decides: tokenizer_config.json's
+    `add_bos_token` when it says; otherwise, for a Hugging Face checkpoint (one with a tokenizer_config.json),
+    whether tokenizer.json's post-processor adds it (Llama's does, Qwen's does not). None (no tokenizer_config.json,
+    kvpilot's own checkpoints): the model's BOS id decides."""
+    config_path = directory / "tokenizer_config.json"
+    if not config_path.is_file():
+        return None
+    config = json.loads(config_path.read_text())
+    if isinstance(config.get("add_bos_token"), bool):
+        return config["add_bos_token"]
+    probe = inner.encode("a", add_special_tokens=True).ids
+    return bos_token_id is not None and bool(probe) and probe[0] == bos_token_id

@@ -87,3 +87,35 @@ def test_bundled_template_is_bos_and_the_last_message(name):
     assert model.tokenizer.encode(text) == model.tokenizer.encode(prompt, add_bos=True)
     with pytest.raises(ChatTemplateError, match="last message must come from the user or a tool"):
         template.render([{"role": "user", "content": prompt}, {"role": "assistant", "content": "x"}])
+
+
+@pytest.mark.parametrize("config, bos", [({"tokenizer_class": "PreTrainedTokenizerFast"}, False),
+                                         ({"tokenizer_class": "LlamaTokenizerFast", "add_bos_token": True}, True),
+                                         (None, True)])
+def test_bos_follows_the_tokenizer_as_transformers_does(make_checkpoint, tmp_path, config, bos):
+    """A Hugging Face checkpoint's prompt starts with BOS only when its tokenizer adds one (tokenizer_config.json's
+    add_bos_token, else tokenizer.json's post-processor); kvpilot's own checkpoints (no tokenizer_config.json) were
+    trained with BOS and keep it. An explicit add_bos wins either way."""
+    from decoder_service.requests import GenerationRequest, SamplingParams
+
+    directory = tmp_path / "model"
+    shutil.copytree(make_checkpoint("llama"), directory)
+    if config is not None:
+        bos_id = json.loads((directory / "config.json").read_text())["bos_token_id"]
+        bos_text = load_checkpoint(directory).tokenizer.inner.id_to_token(bos_id)
+        (directory / "tokenizer_config.json").write_text(json.dumps(config | {"bos_token": bos_text}))
+    loaded = load_checkpoint(directory)
+    engine = Engine(loaded, EngineConfig(kv_pool_bytes=4 << 20), policy=InProcessPolicy())
+    ids = loaded.tokenizer.encode("hello there")
+
+    def prompt_tokens(**kw) -> int:
+        request = GenerationRequest("b", list(ids), SamplingParams(temperature=0, max_new_tokens=1), **kw)
+        return engine.generate([request])[0].usage.prompt_tokens
+
+    assert prompt_tokens() == len(ids) + bos
+    assert prompt_tokens(add_bos=True) == len(ids) + 1 and prompt_tokens(add_bos=False) == len(ids)
+    if config is not None and "add_bos_token" not in config:  # (its handling varies by transformers class/version)
+        import transformers  # a test dependency
+
+        expected = transformers.AutoTokenizer.from_pretrained(str(directory))("hello there")["input_ids"]
+        assert prompt_tokens() == len(expected)
