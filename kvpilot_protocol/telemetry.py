@@ -23,7 +23,16 @@ LATENCY_BUCKETS_S = [1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1
 _propagator = TraceContextTextMapPropagator()
 
 
-_serving_lock = threading.Lock()  # guards the process-wide metric holders below
+_instances: dict[type, object] = {}
+_instances_lock = threading.Lock()
+
+
+def _process_wide(cls):
+    """One instance of a metrics holder per process (instruments are created once, in the global provider)."""
+    with _instances_lock:
+        if cls not in _instances:
+            _instances[cls] = cls()
+        return _instances[cls]
 
 
 def setup_telemetry(service_name: str, prometheus: bool = False) -> bool:
@@ -248,15 +257,8 @@ class PolicyMetrics:
         self.decide.record(seconds, attributes)
 
 
-_policy_metrics: PolicyMetrics | None = None
-
-
 def policy_metrics() -> PolicyMetrics:
-    global _policy_metrics
-    with _serving_lock:
-        if _policy_metrics is None:
-            _policy_metrics = PolicyMetrics()
-        return _policy_metrics
+    return _process_wide(PolicyMetrics)
 
 
 # ---- serving metrics (both front ends: gRPC Generate and the OpenAI-compatible HTTP API) -----------------------
@@ -352,12 +354,5 @@ class ServingMetrics:
                 self.tpot.record((last_token_at - first_token_at) / (usage.generated_tokens - 1), attributes)
 
 
-_serving_metrics: ServingMetrics | None = None
-
-
 def serving_metrics() -> ServingMetrics:
-    global _serving_metrics
-    with _serving_lock:
-        if _serving_metrics is None:
-            _serving_metrics = ServingMetrics()
-        return _serving_metrics
+    return _process_wide(ServingMetrics)
