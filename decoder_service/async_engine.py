@@ -136,7 +136,7 @@ class AsyncEngine:
 
     async def submit(self, request: GenerationRequest) -> AsyncIterator[Event]:
         """Queue a request and return its event stream. Request errors (RequestError) are raised here, before
-        anything is queued. The stream's last event is a FinishEvent; a request that failed raises its error
+        anything is queued. The stream ends with a FinishEvent per sample (SamplingParams.n); a request that failed raises its error
         (a RequestError with its gRPC code) instead. If the consumer stops early (client cancelled), the
         request is aborted and its KV slots are freed."""
         if not request.request_id:
@@ -145,16 +145,19 @@ class AsyncEngine:
         events: asyncio.Queue = asyncio.Queue()
         emit = lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev)  # noqa: E731
         await self.call(lambda: self.engine.add_request(request, emit))
-        return self._events(request.request_id, events)
+        return self._events(request.request_id, events, request.sampling.n)
 
-    async def _events(self, request_id: str, events: asyncio.Queue) -> AsyncIterator[Event]:
+    async def _events(self, request_id: str, events: asyncio.Queue, samples: int = 1) -> AsyncIterator[Event]:
+        """The request's events until all its samples finished (each event's `index` says which sample)."""
         finished = False
         try:
             while True:
                 event = await events.get()
-                finished = isinstance(event, FinishEvent)
-                if finished and event.error is not None:
-                    raise event.error
+                if isinstance(event, FinishEvent):
+                    if event.error is not None:
+                        raise event.error  # one sample failing fails the request; the others are aborted
+                    samples -= 1
+                finished = samples == 0
                 yield event
                 if finished:
                     return

@@ -29,7 +29,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict, deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -44,6 +44,7 @@ from decoder_service.requests import (
     MAX_STOP_STRINGS,
     MAX_STOP_TOKEN_IDS,
     MAX_LOGPROBS,
+    MAX_SAMPLES,
     MAX_REPETITION_PENALTY,
     MAX_TEMPERATURE,
     CompressionConfig,
@@ -153,6 +154,8 @@ class Sequence:
     history_positions: list[int] = field(default_factory=list)  # position of each computed history token
     error: RequestError | None = None
     replay: list[ReplayStep] = field(default_factory=list)  # teacher forcing (request.forced_tokens): one per step
+    index: int = 0  # which of the request's samples this is (SamplingParams.n); 0 prefills the shared prompt
+    group: str | None = None  # samples 1..n-1: the request id of sample 0, whose prompt KV they fork
 
     @property
     def id(self) -> str:
@@ -181,6 +184,14 @@ class Sequence:
 
 
 StepHook = Callable[["Engine", Sequence], None]
+
+
+def _indexed(emit: Callable[[Event], None], index: int) -> Callable[[Event], None]:
+    """The event stream of sample `index` of a request: the request's own stream, each event marked."""
+    def emit_indexed(event: Event) -> None:
+        event.index = index
+        emit(event)
+    return emit_indexed
 
 
 class Engine:
@@ -245,7 +256,8 @@ class Engine:
         if seq.reserved_slots > self.pool.capacity_slots:
             raise ResourceExhausted(
                 f"request needs {seq.reserved_slots} KV slots ({seq.reserved_slots * self.pool.slot_bytes / 2**20:.1f} MiB) "
-                f"but the whole KV pool holds {self.pool.capacity_slots}; lower max_new_tokens or set a compression budget"
+                f"but the whole KV pool holds {self.pool.capacity_slots}; lower max_new_tokens"
+                f"{', n' if request.sampling.n > 1 else ''} or set a compression budget"
             )
         need = self._stats_bytes(seq, seq.reserved_slots)
         if need > self.stats_capacity_bytes:
@@ -294,13 +306,14 @@ class Engine:
         self._retire(seq)
 
     def abort(self, request_id: str) -> bool:
-        """Cancel a request: its slots are freed now (a session keeps what was computed)."""
+        """Cancel a request, all its samples: their slots are freed now (a session keeps what was computed)."""
+        aborted = False
         for seq in list(self.waiting) + self.running:
-            if seq.id == request_id and seq.finish_reason is None:
+            if request_id in (seq.id, seq.group) and seq.finish_reason is None:
                 seq.finish_reason = FinishReason.ABORT
                 self._retire(seq)
-                return True
-        return False
+                aborted = True
+        return aborted
 
     def feed_input_only(self, request_id: str, token_ids: list[int]) -> None:
         """Queue tokens to feed after the sequence's pending history: each gets a KV slot and the next logical
@@ -385,6 +398,13 @@ class Engine:
                 raise InvalidRequest(f"{name} must be in [-2, 2] (got {getattr(s, name)}); 0 disables it")
         if s.logprobs is not None and not 0 <= s.logprobs <= MAX_LOGPROBS:
             raise InvalidRequest(f"logprobs must be in [0, {MAX_LOGPROBS}] alternatives per token (got {s.logprobs})")
+        if not 1 <= s.n <= MAX_SAMPLES:
+            raise InvalidRequest(f"n must be in [1, {MAX_SAMPLES}] samples per request (got {s.n})")
+        if s.n > 1 and (request.session_id or request.create_session):
+            raise InvalidRequest(f"n = {s.n} samples cannot continue or create a session (a session keeps one "
+                                 "history): send n = 1 with a session, or no session")
+        if s.n > 1 and (request.fork_of is not None or request.forced_tokens is not None):
+            raise InvalidRequest(f"n = {s.n} samples cannot be combined with fork_of or forced_tokens")
         if not 0 <= s.min_tokens <= s.max_new_tokens:
             raise InvalidRequest(f"min_tokens must be in [0, max_new_tokens = {s.max_new_tokens}] (got {s.min_tokens})")
         if any(not stop for stop in s.stop):
@@ -490,8 +510,13 @@ class Engine:
             raise SessionConflict(f"session {sid!r} is generating; wait for its stream to finish")
         return session
 
-    def _footprint(self, seq: Sequence) -> int:
-        """Slots to reserve: the whole sequence, or for a bounded policy budget + interval + max_lag."""
+    def _footprint(self, seq: Sequence, samples: int | None = None) -> int:
+        """Slots to reserve: the whole sequence, or for a bounded policy budget + interval + max_lag. With n > 1
+        samples, sample 0 reserves for all of them until they fork (_spawn_samples): its own blocks and n - 1
+        times as many for the forks, whose promise covers their growth and a private copy of each shared block."""
+        samples = seq.request.sampling.n if samples is None else samples
+        if samples > 1:
+            return samples * self.pool.blocks_for(self._footprint(seq, samples=1)) * self.pool.block_size
         total = len(seq.token_ids) + seq.request.sampling.max_new_tokens
         c = seq.request.compression
         parent = seq.fork_parent
@@ -744,6 +769,8 @@ class Engine:
                 continue
             wanted = seq.request.sampling.logprobs
             self._append_token(seq, token, None if wanted is None else token_logprob(logits[row], token, wanted))
+            if seq.request.sampling.n > 1 and seq.group is None and len(seq.generated) == 1:
+                self._spawn_samples(seq, logits[row])
         self.metrics.decode_tokens.add(len(samplers))
         self.steps += 1
         for seq, _ in batch:
@@ -756,6 +783,50 @@ class Engine:
         if self.steps % 64 == 0:
             self.expire_sessions()
         return True
+
+    def _spawn_samples(self, first: Sequence, logits: torch.Tensor) -> None:
+        """n > 1: the prompt was prefilled once, by sample 0, which just drew its first token from `logits`.
+        Samples 1..n-1 fork its KV now (copy-on-write: the prompt's blocks are shared, not copied), before it feeds
+        that token, and draw their own first tokens from the same distribution with their own generators (seed +
+        index). Sample 0 hands back the reservation it held for them. Each sample then runs as its own sequence."""
+        s = first.request.sampling
+        own = first.reserved_slots // s.n  # its share of what it reserved for all of them
+        first.kv = self.pool.resize(first.kv.owner, max(own, first.kv.n))
+        if first.stats is not None:
+            first.stats.resize(first.kv.capacity, first.kv.n)
+        own_stats = self._stats_bytes(first, first.kv.capacity)
+        self.stats_reserved_bytes -= first.stats_bytes - own_stats
+        first.stats_bytes = own_stats
+        first.usage.reserved_kv_bytes = first.kv.capacity * self.pool.slot_bytes
+        prompt, cursor = first.token_ids[:first.num_computed], first.cursor()
+        for index in range(1, s.n):
+            seed = (first.usage.seed + index) % 2**63
+            request = replace(first.request, request_id=f"{first.id}/{index}", sampling=replace(s, n=1, seed=seed))
+            child = Sequence(request=request, emit=_indexed(first.emit, index), token_ids=list(prompt),
+                             num_computed=0, input_start=first.input_start, spec=first.spec, index=index,
+                             group=first.id, started_at=first.started_at)
+            child.usage.prompt_tokens = first.usage.prompt_tokens
+            child.usage.cached_tokens = len(prompt)  # computed once, by sample 0
+            child.usage.seed = seed
+            child.generator = torch.Generator(device=self.device).manual_seed(seed)
+            self.running.append(child)
+            try:
+                child.kv = self.pool.fork(first.kv.owner, uuid.uuid4().hex, own)
+                child.restore(cursor)
+                child.detok = self.tokenizer.detokenizer(prompt)
+                if first.stats is not None:
+                    child.stats = first.stats.clone(child.kv.capacity, child.kv.n)
+                child.stats_bytes = self._stats_bytes(child, child.kv.capacity)
+                self.stats_reserved_bytes += child.stats_bytes
+                child.usage.reserved_kv_bytes = child.kv.capacity * self.pool.slot_bytes
+                child.usage.peak_kv_slots = child.kv.n
+                token = first.generated[0] if s.greedy else sample_token(logits, request.sampling, child.generator)
+            except Exception as exc:
+                self.fail(child, exc)
+                continue
+            self._append_token(child, token, None if s.logprobs is None else token_logprob(logits, token, s.logprobs))
+            if child.finish_reason is not None:
+                self._retire(child)
 
     def _force(self, samplers: list[tuple[int, Sequence]], logits: torch.Tensor) -> dict[str, int | None]:
         """Teacher forcing (GenerationRequest.forced_tokens, evaluation only): for each forced sequence among

@@ -37,7 +37,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import re
 import socket
 import time
 import uuid
@@ -48,7 +47,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from decoder_service.chat_template import ChatTemplate, ChatTemplateError, load_chat_template
-from decoder_service.requests import FinishEvent, FinishReason, RequestError, TokenEvent
+from decoder_service.requests import FinishEvent, FinishReason, RequestError, TokenEvent, field_of_message
 from kvpilot_protocol import telemetry
 from kvpilot_protocol.v1 import decoder_pb2 as pb
 
@@ -62,19 +61,9 @@ MAX_BODY_BYTES = 64 << 20  # as the gRPC server's largest message
 UINT32, INT32, UINT64 = (0, 2**32 - 1), (-2**31, 2**31 - 1), (0, 2**64 - 1)
 COMPRESSION_FIELDS = {"kv_budget": "budget", "kv_interval": "interval", "kv_window": "window", "kv_sinks": "sinks",
                       "kv_max_lag": "max_lag"}
-# The HTTP field a gRPC status message is about, from how the message starts.
-PARAM_OF_MESSAGE = [(r"budget\b", "kv_budget"), (r"interval\b", "kv_interval"), (r"window\b", "kv_window"),
-                    (r"sinks\b", "kv_sinks"), (r"max_lag\b", "kv_max_lag"), (r"(unknown )?policy\b", "kv_policy"),
-                    (r"temperature\b", "temperature"), (r"top_p\b", "top_p"), (r"top_k\b", "top_k"),
-                    (r"min_p\b", "min_p"), (r"repetition_penalty\b", "repetition_penalty"),
-                    (r"presence_penalty\b", "presence_penalty"), (r"frequency_penalty\b", "frequency_penalty"),
-                    (r"min_tokens\b", "min_tokens"), (r"logprobs\b", "logprobs"),
-                    (r"max_new_tokens\b", "max_tokens"), (r"stop\b", "stop"), (r"(unknown )?session\b", "session_id"),
-                    (r"(prompt|text|token id)\b", "prompt")]
 # Known OpenAI / vLLM fields that would change the answer if ignored: refused until supported.
 # field -> (is the value neutral?, message)
 UNSUPPORTED = {
-    "n": (lambda v: v in (None, 1), "n > 1 is not supported yet"),
     "best_of": (lambda v: v in (None, 1), "best_of > 1 is not supported yet"),
     "use_beam_search": (lambda v: not v, "beam search is not supported"),
     "echo": (lambda v: not v, "echo is not supported yet"),
@@ -95,7 +84,7 @@ UNSUPPORTED = {
 # Accepted and used, or harmless to ignore (bookkeeping fields of the OpenAI API).
 KNOWN = {"model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
          "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty", "min_tokens", "logprobs", "top_logprobs",
-         "include_stop_str_in_output",
+         "include_stop_str_in_output", "n",
          "seed", "stop", "stop_token_ids", "ignore_eos", "add_special_tokens", "stream", "stream_options",
          "request_id", "kv_policy", "kv_params", "session_id", "create_session", "input_kind", "user", "metadata",
          "store", "service_tier", "parallel_tool_calls", *COMPRESSION_FIELDS, *UNSUPPORTED}
@@ -119,7 +108,7 @@ class ApiError(Exception):
         """The HTTP form of a gRPC status: same message, the status name as code, and the HTTP field the message
         starts with as param (best effort)."""
         message = str(exc)
-        param = next((field for pattern, field in PARAM_OF_MESSAGE if re.match(pattern, message)), None)
+        param = field_of_message(message, http=True)
         return cls(HTTP_STATUS.get(exc.code, 500), message, code=exc.code, param=param)
 
 
@@ -215,6 +204,9 @@ def build_request(body: dict, text: str | None, token_ids: list[int] | None, inp
     seed = _int(body, "seed", UINT64)
     if seed is not None:
         sampling.seed = seed
+    n = _int(body, "n", UINT32)
+    if n is not None:
+        sampling.n = n
     stopping = pb.StoppingCriteria(stop=_strings(body, "stop"), ignore_eos=bool(_bool(body, "ignore_eos")),
                                    include_stop=bool(_bool(body, "include_stop_str_in_output")))
     ids = body.get("stop_token_ids")
@@ -498,15 +490,19 @@ def create_app(servicer, auth=None) -> FastAPI:
                     await task
         if task.cancelled():
             return Response(status_code=499)
-        final, warnings, logprobs = task.result()
-        choice = {"index": 0, "logprobs": logprobs_json(logprobs, tokenizer, chat) if wants_logprobs else None,
-                  **finish_fields(final)}
+        finals, warnings, logprobs = task.result()
+        choices = []
+        for index, final in sorted(finals.items()):
+            choice = {"index": index, "logprobs": logprobs_json(logprobs.get(index, []), tokenizer, chat)
+                      if wants_logprobs else None, **finish_fields(final)}
+            if chat:
+                choice["message"] = {"role": "assistant", "content": final.text}
+            else:
+                choice["text"] = final.text
+            choices.append(choice)
         if chat:
-            choice["message"] = {"role": "assistant", "content": final.text}
             head["object"] = "chat.completion"
-        else:
-            choice["text"] = final.text
-        out = head | {"choices": [choice], "usage": usage_json(final)}
+        out = head | {"choices": choices, "usage": usage_json(generation.final)}
         if gen.session_id:
             out["session_id"] = gen.session_id
         if warnings:
@@ -514,13 +510,17 @@ def create_app(servicer, auth=None) -> FastAPI:
         return JSONResponse(out, headers=headers)
 
     async def collect(generation):
-        logprobs = []
+        """Every sample's final event and token logprobs (by sample index) and the warnings."""
+        finals, logprobs, warned = {}, {}, []
         try:
             async for event, warnings in generation.events():
                 if isinstance(event, TokenEvent):
-                    logprobs += event.logprobs
+                    logprobs.setdefault(event.index, []).extend(event.logprobs)
                 elif isinstance(event, FinishEvent):
-                    return event, warnings, logprobs
+                    finals[event.index] = event
+                    warned += warnings
+                    if generation.final is not None:
+                        return finals, warned, logprobs
         except RequestError as exc:
             raise ApiError.of(exc) from None
         finally:
@@ -528,13 +528,17 @@ def create_app(servicer, auth=None) -> FastAPI:
         raise ApiError(500, "the request ended without a final message", code="INTERNAL")
 
     async def stream_events(generation, head: dict, chat: bool, include_usage: bool, wants_logprobs: bool = False):
-        pending: list = []  # logprobs of tokens whose text has not been sent yet (a multi-byte char, a stop prefix)
+        samples = range(generation.request.sampling.n)
+        # Per sample: logprobs of tokens whose text has not been sent yet (a multi-byte char, a stop prefix), and
+        # the text sent so far.
+        pending: dict[int, list] = {i: [] for i in samples}
+        sent: dict[int, str] = {i: "" for i in samples}
 
-        def chunk(text: str | None = None, role: bool = False, final: FinishEvent | None = None) -> dict:
-            choice = {"index": 0, "logprobs": None, "finish_reason": None}
+        def chunk(index: int, text: str | None = None, role: bool = False, final: FinishEvent | None = None) -> dict:
+            choice = {"index": index, "logprobs": None, "finish_reason": None}
             if wants_logprobs and not role:
-                choice["logprobs"] = logprobs_json(pending, tokenizer, chat, offset=len(sent))
-                pending.clear()
+                choice["logprobs"] = logprobs_json(pending[index], tokenizer, chat, offset=len(sent[index]))
+                pending[index].clear()
             if chat:
                 choice["delta"] = {"role": "assistant"} if role else {}
                 if text is not None:
@@ -545,27 +549,28 @@ def create_app(servicer, auth=None) -> FastAPI:
                 choice |= finish_fields(final)
             return head | {"choices": [choice]}
 
-        sent = ""
         try:
             if chat:
-                yield sse(chunk("", role=True))
+                for index in samples:
+                    yield sse(chunk(index, "", role=True))
             async for event, warnings in generation.events():
                 if isinstance(event, TokenEvent):
-                    pending += event.logprobs
+                    pending[event.index] += event.logprobs
                 if isinstance(event, TokenEvent) and event.text:
-                    piece = chunk(event.text)
-                    sent += event.text
+                    piece = chunk(event.index, event.text)
+                    sent[event.index] += event.text
                     yield sse(piece)
                 elif isinstance(event, FinishEvent):
-                    rest = event.text[len(sent):] if event.text.startswith(sent) else ""
-                    last = chunk(rest if rest or not chat else None, final=event)
+                    done = sent[event.index]
+                    rest = event.text[len(done):] if event.text.startswith(done) else ""
+                    last = chunk(event.index, rest if rest or not chat else None, final=event)
                     if generation.request.session_id:
                         last["session_id"] = generation.request.session_id
                     if warnings:
                         last["warnings"] = warnings
                     yield sse(last)
-                    if include_usage:
-                        yield sse(head | {"choices": [], "usage": usage_json(event)})
+                    if include_usage and generation.final is not None:  # after the last sample
+                        yield sse(head | {"choices": [], "usage": usage_json(generation.final)})
         except RequestError as exc:  # failed after the stream started: an error event, as vLLM
             yield sse(ApiError.of(exc).body())
         yield sse("[DONE]")

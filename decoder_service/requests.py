@@ -5,6 +5,7 @@ be driven in-process (tests, benchmarks, the eval harness) without gRPC.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING
@@ -21,6 +22,31 @@ class RequestError(Exception):
 
 class InvalidRequest(RequestError):
     code = "INVALID_ARGUMENT"
+
+
+# The request field an INVALID_ARGUMENT message is about, from how the message starts (messages name their field
+# first): (pattern, the GenerateRequest field path, the OpenAI-compatible HTTP body field). The gRPC status carries
+# it as a google.rpc.BadRequest field violation, the HTTP error object as its `param`.
+FIELD_OF_MESSAGE = [
+    (r"budget\b", "compression.budget", "kv_budget"), (r"interval\b", "compression.interval", "kv_interval"),
+    (r"window\b", "compression.window", "kv_window"), (r"sinks\b", "compression.sinks", "kv_sinks"),
+    (r"max_lag\b", "compression.max_lag", "kv_max_lag"), (r"(unknown )?policy\b", "compression.policy", "kv_policy"),
+    (r"temperature\b", "sampling.temperature", "temperature"), (r"top_p\b", "sampling.top_p", "top_p"),
+    (r"top_k\b", "sampling.top_k", "top_k"), (r"min_p\b", "sampling.min_p", "min_p"),
+    (r"repetition_penalty\b", "sampling.repetition_penalty", "repetition_penalty"),
+    (r"presence_penalty\b", "sampling.presence_penalty", "presence_penalty"),
+    (r"frequency_penalty\b", "sampling.frequency_penalty", "frequency_penalty"),
+    (r"logprobs\b", "sampling.logprobs", "logprobs"), (r"n\b", "sampling.n", "n"),
+    (r"min_tokens\b", "stopping.min_tokens", "min_tokens"), (r"max_new_tokens\b", "stopping.max_new_tokens", "max_tokens"),
+    (r"(at most \d+ )?stop token ids?\b", "stopping.stop_token_ids", "stop_token_ids"),
+    (r"(at most \d+ )?stop\b", "stopping.stop", "stop"),
+    (r"(unknown )?session\b", "session.id", "session_id"), (r"(prompt|text|token id)\b", "input", "prompt"),
+]
+
+
+def field_of_message(message: str, http: bool = False) -> str | None:
+    """The field (GenerateRequest path, or with `http` the HTTP body field) a status message is about, if known."""
+    return next((fields[http] for pattern, *fields in FIELD_OF_MESSAGE if re.match(pattern, message)), None)
 
 
 class ResourceExhausted(RequestError):
@@ -67,6 +93,7 @@ GREEDY_TEMPERATURE = 1e-5
 MAX_TEMPERATURE = 100.0
 MAX_REPETITION_PENALTY = 10.0
 MAX_LOGPROBS = 20  # alternatives per token (OpenAI's top_logprobs limit)
+MAX_SAMPLES = 16  # n: samples of one prompt per request
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
 MAX_STOP_TOKEN_IDS = 64
@@ -92,6 +119,9 @@ class SamplingParams:
     # Log-probabilities: None = off; N = each token's own plus the N most likely alternatives (0-20), from the
     # distribution after the penalties and before temperature / top-k / top-p / min-p (vLLM's "processed" choice).
     logprobs: int | None = None
+    # Samples of one prompt (OpenAI's n): the prompt is prefilled once; after its first token the other n - 1
+    # samples fork its KV copy-on-write (no copy of the prompt), each with its own generator (seed + index).
+    n: int = 1
 
     @property
     def greedy(self) -> bool:
@@ -201,6 +231,7 @@ class TokenEvent:
     token_ids: list[int]
     text: str
     logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token when the request asked for them
+    index: int = 0  # which sample (SamplingParams.n) the tokens belong to
 
 
 @dataclass
@@ -216,6 +247,7 @@ class EvictionEvent:
     staleness_steps: int = 0
     fallback: bool = False
     reason: str = ""  # why a fallback or drop happened
+    index: int = 0  # which sample (SamplingParams.n) was compressed
 
 
 @dataclass
@@ -239,6 +271,7 @@ class FinishEvent:
     session_id: str | None = None
     error: RequestError | None = None  # set with FinishReason.ERROR
     replay: list[ReplayStep] = field(default_factory=list)  # teacher-forced requests: one record per forced token
+    index: int = 0  # which sample (SamplingParams.n) ended; a request with n samples ends after n of these
 
 
 Event = TokenEvent | EvictionEvent | FinishEvent

@@ -10,9 +10,12 @@ import logging
 import signal
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
 
 from decoder_service.async_engine import AsyncEngine
 from decoder_service.engine import Engine, check_session_id
@@ -31,6 +34,7 @@ from decoder_service.requests import (
     SamplingParams,
     SegmentKind,
     TokenEvent,
+    field_of_message,
 )
 from decoder_service.session_store import SessionStoreError, SessionVersionConflict
 from kvpilot_protocol import telemetry
@@ -94,7 +98,8 @@ class Generation:
                  api: str, operation: str):
         self.servicer = servicer
         self.request = request
-        self.final: FinishEvent | None = None
+        self.final: FinishEvent | None = None  # when every sample has ended: sample 0's, usage summed (merge_finals)
+        self.finals: dict[int, FinishEvent] = {}  # by sample index
         self.failure: RequestError | None = None
         self._stream, self._span, self._started, self._api, self._operation = stream, span, started, api, operation
         self._events = None
@@ -118,7 +123,9 @@ class Generation:
                     self._last_token_at = time.monotonic()
                     self._first_token_at = self._first_token_at or self._last_token_at
                 elif isinstance(event, FinishEvent):
-                    self.final = event
+                    self.finals[event.index] = event
+                    if len(self.finals) == self.request.sampling.n:
+                        self.final = merge_finals(self.finals)
                     if event.session_id:
                         # Shielded: a client hanging up right now must not leave the store half-written.
                         warnings = await asyncio.shield(self.servicer.persist_session(event.session_id))
@@ -149,7 +156,8 @@ class Generation:
             # too, or no other decoder could find (or delete) the session.
             await asyncio.shield(asyncio.ensure_future(self.servicer.persist_session(sid)))
         telemetry.end_generate_span(self._span, self.final,
-                                    self.failure or (None if self.final else Cancelled("stream cancelled")))
+                                    self.failure or (None if self.final else Cancelled("stream cancelled")),
+                                    finish_reasons=[self.finals[i].finish_reason.value for i in sorted(self.finals)])
         telemetry.serving_metrics().request_ended(
             self.servicer.model_name, self._api, self._operation, self._started, final=self.final,
             error=self.failure, first_token_at=self._first_token_at, last_token_at=self._last_token_at)
@@ -177,7 +185,7 @@ class DecoderServicer:
             generation = await self.start_generation(request, self.principal(context), context.time_remaining(),
                                                      trace_context=telemetry.extract_context(context.invocation_metadata()))
         except RequestError as exc:
-            await context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
+            await abort_with(context, exc)
         failure: RequestError | None = None
         try:
             if generation.request.session_id:
@@ -189,7 +197,7 @@ class DecoderServicer:
         finally:
             await generation.aclose()  # aborts the request in the engine if it has not finished
         if failure is not None:
-            await context.abort(getattr(grpc.StatusCode, failure.code), str(failure))
+            await abort_with(context, failure)
 
     async def start_generation(self, request: pb.GenerateRequest, principal: str | None = None,
                                time_remaining: float | None = None, api: str = "grpc",
@@ -257,6 +265,7 @@ class DecoderServicer:
             min_tokens=st.min_tokens if st.HasField("min_tokens") else 0,
             logprobs=s.logprobs if s.HasField("logprobs") else None,
             include_stop=st.include_stop,
+            n=s.n if s.HasField("n") else 1,
         )
         defaults = CompressionConfig()
         compression = CompressionConfig(
@@ -378,7 +387,7 @@ class DecoderServicer:
             session, resident = await self.engine.call(
                 lambda: self.engine.engine.get_session(request.session_id, principal))
         except RequestError as exc:
-            await context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
+            await abort_with(context, exc)
         info = pb.SessionInfo(
             session_id=session.id, num_tokens=len(session.token_ids), resident_kv_slots=resident,
             turns=session.turns, generated_tokens=session.generated_tokens, evicted_tokens=session.evicted_tokens,
@@ -419,7 +428,7 @@ class DecoderServicer:
                 if not deleted_durably:
                     raise
         except RequestError as exc:
-            await context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
+            await abort_with(context, exc)
         return pb.DeleteSessionResponse()
 
     async def GetModelInfo(self, request, context):
@@ -442,7 +451,45 @@ class DecoderServicer:
         return pb.ServerInfo(step_failures=self.engine.step_failures, engine_alive=alive, **info)
 
 
+async def abort_with(context, error: RequestError) -> None:
+    """End the call with the error's status and message; an INVALID_ARGUMENT whose message names a request field
+    also carries it as a google.rpc.BadRequest field violation (grpcio-status rich details), so clients can
+    point at the field without parsing the message."""
+    code, message = getattr(grpc.StatusCode, error.code), str(error)
+    field = field_of_message(message) if error.code == "INVALID_ARGUMENT" else None
+    if field is None:
+        await context.abort(code, message)
+    detail = any_pb2.Any()
+    detail.Pack(error_details_pb2.BadRequest(field_violations=[
+        error_details_pb2.BadRequest.FieldViolation(field=field, description=message)]))
+    await context.abort_with_status(rpc_status.to_status(
+        status_pb2.Status(code=code.value[0], message=message, details=[detail])))
+
+
+def merge_finals(finals: dict[int, FinishEvent]) -> FinishEvent:
+    """One request's outcome over its samples (for its span and metrics): sample 0's final event with the
+    generated tokens and evictions of all samples added up, the peak KV the largest."""
+    first = finals[0]
+    if len(finals) == 1:
+        return first
+    usage = replace(first.usage)
+    for f in finals.values():
+        if f is not first:
+            for name in ("generated_tokens", "evicted_tokens", "merged_tokens", "compression_events", "fallbacks",
+                         "dropped_decisions"):
+                setattr(usage, name, getattr(usage, name) + getattr(f.usage, name))
+            usage.peak_kv_slots = max(usage.peak_kv_slots, f.usage.peak_kv_slots)
+            usage.peak_kv_bytes = max(usage.peak_kv_bytes, f.usage.peak_kv_bytes)
+    return replace(first, usage=usage)
+
+
 def to_response(request_id: str, event, warnings: list[str] = ()) -> pb.GenerateResponse:
+    response = _to_response(request_id, event, warnings)
+    response.index = event.index
+    return response
+
+
+def _to_response(request_id: str, event, warnings: list[str] = ()) -> pb.GenerateResponse:
     if isinstance(event, TokenEvent):
         logprobs = [pb.TokenLogprob(token_id=lp.token_id, logprob=lp.logprob,
                                     top=[pb.TopLogprob(token_id=t, logprob=v) for t, v in lp.top])

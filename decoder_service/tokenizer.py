@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 from tokenizers import Tokenizer
+from tokenizers.decoders import DecodeStream
 
 
 class TextTokenizer:
@@ -40,31 +41,23 @@ class TextTokenizer:
 
 
 class IncrementalDetokenizer:
-    """Turns a stream of token ids into text deltas.
+    """Turns a stream of token ids into text deltas with `tokenizers`' DecodeStream.
 
-    Decoding token by token breaks multi-byte characters (byte-level BPE) and drops the spaces that word-level
-    decoders put *between* tokens, so each step decodes a short window that starts a few tokens back and
-    emits only what the window added. A delta ending in U+FFFD (an incomplete UTF-8 sequence) is held back
-    until the next token completes it.
+    Decoding token by token would break multi-byte characters (byte-level BPE) and drop the spaces that word-level
+    decoders put *between* tokens; DecodeStream decodes a short window that starts a few tokens back, emits only
+    what the window added, and holds back an incomplete UTF-8 sequence until the next token completes it. It
+    starts from the last few context tokens, so the first generated token gets the space it follows.
     """
 
     CONTEXT = 4
 
     def __init__(self, tokenizer: TextTokenizer, context_ids: list[int]):
         self.tokenizer = tokenizer
-        self.ids = list(context_ids[-self.CONTEXT:])
-        self.prefix_offset = 0
-        self.read_offset = len(self.ids)
+        self.stream = DecodeStream(ids=list(context_ids[-self.CONTEXT:]), skip_special_tokens=True)
         self.text = ""  # everything emitted so far (generated text only)
 
     def push(self, token_id: int) -> str:
-        self.ids.append(token_id)
-        prefix_text = self.tokenizer.decode(self.ids[self.prefix_offset:self.read_offset])
-        new_text = self.tokenizer.decode(self.ids[self.prefix_offset:])
-        if len(new_text) <= len(prefix_text) or new_text.endswith("\ufffd"):
-            return ""
-        delta = new_text[len(prefix_text):]
-        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        delta = self.stream.step(self.tokenizer.inner, token_id) or ""
         self.text += delta
         return delta
 

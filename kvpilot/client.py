@@ -30,6 +30,7 @@ def build_request(
     frequency_penalty: float | None = None,
     min_tokens: int | None = None,
     logprobs: int | None = None,
+    n: int | None = None,
     stop: list[str] = (),
     stop_token_ids: list[int] = (),
     policy: str = "",
@@ -47,7 +48,7 @@ def build_request(
     for name, value in (("temperature", temperature), ("top_p", top_p), ("top_k", top_k), ("seed", seed),
                         ("min_p", min_p), ("repetition_penalty", repetition_penalty),
                         ("presence_penalty", presence_penalty), ("frequency_penalty", frequency_penalty),
-                        ("logprobs", logprobs)):
+                        ("logprobs", logprobs), ("n", n)):
         if value is not None:
             setattr(sampling, name, value)
     compression = pb.CompressionConfig(policy=policy, budget=budget, params=params or {})

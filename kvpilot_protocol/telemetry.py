@@ -137,20 +137,24 @@ def start_generate_span(model: str, request, operation: str = "text_completion",
         attributes["gen_ai.request.top_k"] = sampling.top_k
     if sampling.seed is not None:
         attributes["gen_ai.request.seed"] = sampling.seed
+    if sampling.n > 1:
+        attributes["gen_ai.request.choice.count"] = sampling.n
     if request.session_id:
         attributes["gen_ai.conversation.id"] = request.session_id
     return tracer().start_span(f"{operation} {model}", context=parent, kind=trace.SpanKind.SERVER,
                                attributes=attributes)
 
 
-def end_generate_span(span: trace.Span, final=None, error: Exception | None = None) -> None:
+def end_generate_span(span: trace.Span, final=None, error: Exception | None = None,
+                      finish_reasons: list[str] | None = None) -> None:
+    """`finish_reasons`: one per sample of an n > 1 request (default: the final event's)."""
     if final is not None:
         u = final.usage
         span.set_attributes({
             "gen_ai.usage.input_tokens": u.prompt_tokens,
             "gen_ai.usage.output_tokens": u.generated_tokens,
             "gen_ai.usage.cache_read.input_tokens": u.cached_tokens,
-            "gen_ai.response.finish_reasons": [final.finish_reason.value],
+            "gen_ai.response.finish_reasons": finish_reasons or [final.finish_reason.value],
             "kvpilot.kv.peak_slots": u.peak_kv_slots,
             "kvpilot.kv.peak_bytes": u.peak_kv_bytes,
             "kvpilot.evicted_tokens": u.evicted_tokens,

@@ -25,6 +25,11 @@ def add_arguments(parser) -> None:
 
     add_server_arguments(p)  # plain gRPC only: Ray Serve's gRPC proxy is secured by the cluster's own config
     p.set_defaults(func=serve_cmd)
+    p = sub.add_parser("status", help="the Ray Serve policy application's state and replicas (`serve status` without "
+                       "Ray's dashboard)")
+    p.add_argument("--ray-address", default="auto",
+                   help="the Ray cluster (default: the local one `kvpilot policy serve --ray` started, or RAY_ADDRESS)")
+    p.set_defaults(func=status_cmd)
     p = sub.add_parser("describe", help="what each policy needs from the decoder and its parameters")
     p.add_argument("name", nargs="?", default="")
     p.set_defaults(func=describe_cmd)
@@ -58,7 +63,10 @@ def serve_cmd(args) -> int:
                              "secure a Ray Serve gRPC proxy through the cluster's configuration")
         from policy_service import ray_app
 
-        config = ray_app.RayPolicyConfig(grpc_port=int(port), redis_url=args.redis_url,
+        if host not in ray_app.WILDCARD_HOSTS:
+            print(f"note: Ray Serve's gRPC proxy binds every interface on port {port}, not only {host}; the HTTP "
+                  f"proxy binds {host}. Restrict the port with the network, or serve without --ray.", flush=True)
+        config = ray_app.RayPolicyConfig(grpc_port=int(port), host=host, redis_url=args.redis_url,
                                          min_replicas=args.min_replicas, max_replicas=args.max_replicas,
                                          initial_replicas=args.initial_replicas,
                                          target_ongoing_requests=args.target_ongoing_requests,
@@ -96,6 +104,27 @@ def serve_cmd(args) -> int:
 
     asyncio.run(main())
     return 0
+
+
+def status_cmd(args) -> int:
+    import os
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+
+    from policy_service import ray_app
+
+    try:
+        ray.init(address=args.ray_address, namespace="kvpilot", log_to_driver=False, logging_level="ERROR")
+    except ConnectionError as exc:
+        raise SystemExit(f"error: no Ray cluster at {args.ray_address!r} ({exc}); start one with "
+                         "`kvpilot policy serve --ray`, or pass --ray-address") from None
+    try:
+        lines = ray_app.status_lines()
+    finally:
+        ray.shutdown()
+    print("\n".join(lines))
+    return 0 if not lines[0].startswith("no ") else 1
 
 
 def describe_cmd(args) -> int:

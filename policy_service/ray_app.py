@@ -10,21 +10,28 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import grpc
+from grpc_health.v1 import health_pb2
 from ray import serve
-from ray.serve.grpc_util import gRPCInputStream
+from ray.serve.grpc_util import RayServegRPCContext, gRPCInputStream
 
 from kvpilot_protocol.v1 import policy_pb2 as pb
-from policy_service.server import PolicyCore
+from policy_service.server import SERVICE_NAME, PolicyCore
 
 log = logging.getLogger(__name__)
 APP_NAME = "kvpilot-policy"
-SERVICER_FUNCTIONS = ["kvpilot_protocol.v1.policy_pb2_grpc.add_PolicyServicer_to_server"]
+# The proxy routes each method by name to the deployment: the policy service, and grpc.health.v1 answered by a replica
+# (a replica answering is the application serving), so load balancers and `grpc_health_probe` work as on the plain server.
+SERVICER_FUNCTIONS = ["kvpilot_protocol.v1.policy_pb2_grpc.add_PolicyServicer_to_server",
+                      "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server"]
+WILDCARD_HOSTS = ("", "0.0.0.0", "::", "[::]")
 
 
 @dataclass
 class RayPolicyConfig:
     grpc_port: int = 50052
     http_port: int = 8052
+    host: str = "127.0.0.1"  # Serve's HTTP proxy binds it; its gRPC proxy binds every interface (see start)
     redis_url: str | None = None
     min_replicas: int = 1
     max_replicas: int = 2
@@ -57,8 +64,26 @@ class PolicyDeployment:
     async def DecideFrame(self, request: pb.StatsFrame) -> pb.Decision:
         return await self.core.decide(request)
 
-    async def Describe(self, request: pb.DescribeRequest) -> pb.DescribeResponse:
-        return self.core.describe(request)
+    async def Describe(self, request: pb.DescribeRequest, grpc_context: RayServegRPCContext) -> pb.DescribeResponse:
+        try:
+            return self.core.describe(request)
+        except (KeyError, ValueError) as exc:  # an unknown policy or bad parameters: the caller's to fix
+            grpc_context.set_code(grpc.StatusCode.INVALID_ARGUMENT)
+            grpc_context.set_details(str(exc).strip('"'))
+            return pb.DescribeResponse()
+
+    async def Check(self, request: health_pb2.HealthCheckRequest,
+                    grpc_context: RayServegRPCContext) -> health_pb2.HealthCheckResponse:
+        if request.service not in ("", SERVICE_NAME):
+            grpc_context.set_code(grpc.StatusCode.NOT_FOUND)
+            grpc_context.set_details(f"unknown service {request.service!r}")
+            return health_pb2.HealthCheckResponse()
+        return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
+
+    async def Watch(self, request: health_pb2.HealthCheckRequest, grpc_context: RayServegRPCContext):
+        # One answer, then the stream ends: a stream held open would count as an ongoing request forever and
+        # skew autoscaling. Watchers re-subscribe; Check is what probes use.
+        yield await self.Check(request, grpc_context)
 
 
 def build_app(config: RayPolicyConfig | dict):
@@ -83,7 +108,11 @@ def build_app(config: RayPolicyConfig | dict):
 
 
 def start(config: RayPolicyConfig, ray_address: str | None = None, num_cpus: int = 4) -> None:
-    """Start (or join) a Ray cluster, the Serve gRPC proxy on `grpc_port`, and the policy application."""
+    """Start (or join) a Ray cluster, the Serve gRPC proxy on `grpc_port`, and the policy application.
+
+    Ray Serve (2.60) binds its gRPC proxy to every interface ([::]:grpc_port, fixed in ray.serve._private.grpc_util);
+    `config.host` binds the HTTP proxy. Restrict the gRPC port with the network (firewall, Kubernetes
+    NetworkPolicy), or run the plain `kvpilot policy serve` where one host's address must be the only one."""
     import ray
     from ray.serve.config import gRPCOptions, HTTPOptions
 
@@ -95,11 +124,25 @@ def start(config: RayPolicyConfig, ray_address: str | None = None, num_cpus: int
             ray.init(num_cpus=num_cpus, include_dashboard=False, namespace="kvpilot", log_to_driver=False,
                      object_store_memory=128 << 20)
     serve.start(
-        http_options=HTTPOptions(host="127.0.0.1", port=config.http_port),
+        http_options=HTTPOptions(host=config.host or "0.0.0.0", port=config.http_port),
         grpc_options=gRPCOptions(port=config.grpc_port, grpc_servicer_functions=SERVICER_FUNCTIONS),
     )
     # A route prefix registers the ingress endpoint that the gRPC proxy routes by (no HTTP app is served).
     serve.run(build_app(config), name=APP_NAME, route_prefix=f"/{APP_NAME}")
+
+
+def status_lines(app: str = APP_NAME) -> list[str]:
+    """The application's and each deployment's state and replica counts, from the connected Ray cluster."""
+    status = serve.status()
+    found = status.applications.get(app)
+    if found is None:
+        return [f"no {app!r} application on this Ray cluster (applications: {sorted(status.applications) or 'none'})"]
+    value = lambda state: getattr(state, "value", state)  # noqa: E731  (Serve's status enums print as Class.NAME)
+    lines = [f"{app}: {value(found.status)}" + (f" ({found.message})" if found.message else "")]
+    for name, deployment in found.deployments.items():
+        replicas = ", ".join(f"{value(state)} {n}" for state, n in sorted(deployment.replica_states.items())) or "none"
+        lines.append(f"  deployment {name}: {value(deployment.status)}, replicas: {replicas}")
+    return lines
 
 
 def replica_count() -> int:

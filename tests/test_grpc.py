@@ -129,6 +129,35 @@ def test_bad_input_gets_a_clear_status_and_server_keeps_serving(stub, make_reque
     assert run(stub, build_request(token_ids=[5, 6], max_new_tokens=2))[-1].WhichOneof("event") == "complete"
 
 
+@pytest.mark.parametrize("make_request, field", [
+    (lambda: build_request("hi", temperature=-1.0), "sampling.temperature"),
+    (lambda: build_request("hi", n=40), "sampling.n"),
+    (lambda: build_request("hi", max_new_tokens=-3), "stopping.max_new_tokens"),
+    (lambda: build_request("hi", stop_token_ids=[70000]), "stopping.stop_token_ids"),
+    (lambda: build_request("hi", policy="bogus", budget=64), "compression.policy"),
+    (lambda: build_request("hi", policy="h2o", budget=8, window=16), "compression.budget"),
+    (lambda: build_request(""), "input"),
+    (lambda: build_request("hi", policy="h2o", budget=64, interval=0), None),  # names no single field: no details
+])
+def test_invalid_argument_names_its_field_in_rich_error_details(stub, make_request, field):
+    """google.rpc.BadRequest (grpcio-status): the field a client must fix, beside the message that says how."""
+    from google.rpc import error_details_pb2
+    from grpc_status import rpc_status
+
+    with pytest.raises(grpc.RpcError) as err:
+        run(stub, make_request())
+    status = rpc_status.from_call(err.value)
+    if field is None:
+        assert status is None and err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        return
+    assert status is not None and status.message == err.value.details()
+    [detail] = status.details
+    violation = error_details_pb2.BadRequest()
+    assert detail.Unpack(violation)
+    [one] = violation.field_violations
+    assert one.field == field and one.description == err.value.details()
+
+
 def test_invalid_utf8_is_invalid_argument(server, stub):
     good = build_request("ab", max_new_tokens=2).SerializeToString()
     bad = good.replace(b"ab", b"\xff\xfe")

@@ -143,6 +143,40 @@ def test_streaming_chat_equals_the_non_streamed_text(client, model_name):
     assert len({c.id for c in chunks}) == 1 and chunks[0].id.startswith("chatcmpl-")
 
 
+def test_n_samples_through_grpc_and_both_openai_shapes(client, server, model_name):
+    """n samples of one prompt: gRPC messages carry their sample's index and the stream ends after n completes;
+    the OpenAI shapes have one choice per index (streamed or not), usage counts the prompt once and every sample's
+    tokens; sample i equals the n = 1 request with seed + i."""
+    stub = connect(server.address)
+    responses = list(stub.Generate(build_request(MULTIHOP, max_new_tokens=10, temperature=1.0, seed=11, n=3), timeout=60))
+    completes = {r.index: r.complete for r in responses if r.WhichOneof("event") == "complete"}
+    assert sorted(completes) == [0, 1, 2] and responses[-1].WhichOneof("event") == "complete"
+    for index in range(3):
+        streamed = [t for r in responses if r.index == index and r.WhichOneof("event") == "chunk" for t in r.chunk.token_ids]
+        alone = list(stub.Generate(build_request(MULTIHOP, max_new_tokens=10, temperature=1.0, seed=11 + index),
+                                   timeout=60))[-1].complete
+        assert completes[index].text == alone.text and len(streamed) == completes[index].usage.generated_tokens
+    assert completes[1].usage.cached_tokens == completes[0].usage.prompt_tokens  # the prompt was prefilled once
+
+    out = client.completions.create(model=model_name, prompt=MULTIHOP, max_tokens=10, temperature=1.0, seed=11, n=3)
+    assert [c.index for c in out.choices] == [0, 1, 2]
+    assert [c.text for c in out.choices] == [completes[i].text for i in range(3)]
+    assert out.usage.prompt_tokens == completes[0].usage.prompt_tokens
+    assert out.usage.completion_tokens == sum(c.usage.generated_tokens for c in completes.values())
+
+    messages = [{"role": "user", "content": MULTIHOP}]
+    whole = client.chat.completions.create(model=model_name, messages=messages, max_tokens=10, temperature=1.0,
+                                           seed=5, n=2)
+    chunks = list(client.chat.completions.create(model=model_name, messages=messages, max_tokens=10, temperature=1.0,
+                                                 seed=5, n=2, stream=True, stream_options={"include_usage": True}))
+    for choice in whole.choices:
+        deltas = [c.choices[0].delta.content or "" for c in chunks if c.choices and c.choices[0].index == choice.index]
+        assert "".join(deltas) == choice.message.content
+        assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].index == choice.index][-1] \
+            == choice.finish_reason
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
 def test_models_list(client, model_name, server):
     [card] = client.models.list().data
     assert card.id == model_name and card.owned_by == "kvpilot"
@@ -222,7 +256,13 @@ def test_errors_carry_the_grpc_messages_and_the_server_keeps_serving(http, serve
     assert err["param"] == "top_logprobs" and "logprobs" in err["message"]
     assert error(http.post("/v1/chat/completions", json=chat | {"logprobs": True, "top_logprobs": 25}),
                  400)["param"] == "logprobs"
-    assert error(http.post("/v1/completions", json=base | {"n": 2}), 400)["message"] == "n > 1 is not supported yet"
+    for n in (0, 17):
+        code, details = grpc_error(server, n=n)
+        err = error(http.post("/v1/completions", json=base | {"n": n}), 400)
+        assert err["message"] == details and err["param"] == "n" and details.startswith("n must be in [1, 16]")
+    assert error(http.post("/v1/completions", json=base | {"n": "two"}), 400)["param"] == "n"
+    err = error(http.post("/v1/completions", json=base | {"n": 2, "create_session": True}), 400)
+    assert "cannot continue or create a session" in err["message"]
     code, details = grpc_error(server, session_id="never-made")
     err = error(http.post("/v1/completions", json=base | {"session_id": "never-made"}), 404)
     assert code == grpc.StatusCode.NOT_FOUND and err["message"] == details

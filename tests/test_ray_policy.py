@@ -104,3 +104,38 @@ def test_scale_up_keeps_sessions_and_replicas_share_load(ray_policy, make_engine
             await store.close()
 
     asyncio.run(check_state())
+
+
+def test_health_describe_errors_and_status_through_the_serve_proxy(ray_policy):
+    """grpc.health.v1 answers through Serve's proxy as on the plain server; a bad Describe is INVALID_ARGUMENT
+    with the policy's message (not INTERNAL with a traceback); `kvpilot policy status` reads the app's state."""
+    import subprocess
+    import sys
+
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from policy_service.server import SERVICE_NAME
+
+    channel = grpc.insecure_channel(ray_policy)
+    health = health_pb2_grpc.HealthStub(channel)
+    for service in ("", SERVICE_NAME):
+        answer = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=60)
+        assert answer.status == health_pb2.HealthCheckResponse.SERVING
+    with pytest.raises(grpc.RpcError) as info:
+        health.Check(health_pb2.HealthCheckRequest(service="no.such.Service"), timeout=60)
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+    policy = policy_pb2_grpc.PolicyStub(channel)
+    assert "h2o" in [p.policy for p in policy.Describe(pb.DescribeRequest(), metadata=APP_METADATA, timeout=60).policies]
+    with pytest.raises(grpc.RpcError) as info:
+        policy.Describe(pb.DescribeRequest(policy="no_such_policy"), metadata=APP_METADATA, timeout=60)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "no_such_policy" in info.value.details() and "Traceback" not in info.value.details()
+    with pytest.raises(grpc.RpcError) as info:
+        policy.Describe(pb.DescribeRequest(policy="h2o", params={"no_such_param": "1"}), metadata=APP_METADATA, timeout=60)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "no_such_param" in info.value.details()
+
+    out = subprocess.run([sys.executable, "-m", "kvpilot.cli", "policy", "status"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "kvpilot-policy: RUNNING" in out.stdout and "deployment Policy: HEALTHY" in out.stdout, out.stdout
