@@ -28,7 +28,7 @@ import torch
 
 import kvpilot_kernels as kernels
 from decoder_service.circuit_breaker import CircuitBreaker
-from decoder_service.requests import EvictionEvent, InternalError
+from decoder_service.requests import EvictionEvent, InternalError, SegmentKind
 from decoder_service.statistics import build_frame
 from kvpilot_protocol import telemetry
 from kvpilot_protocol.frame import Decision, KeepSet, MergePlanSpec, Plan, SpanDrop, StatsFrame
@@ -210,14 +210,9 @@ class Compressor:
         state.frame_epoch[state.frames] = state.epoch
         state.frame_step[state.frames] = seq.steps
         session = seq.session
-        # Segments are history ranges; the frame speaks logical positions (apart from history indices once
-        # input-only tokens were fed). Only the computed part of a segment has positions.
-        where = seq.history_positions
-        tool_segments = [(where[s.start], where[min(s.end, len(where)) - 1] + 1, s.index)
-                         for s in (session.segments if session else []) if s.kind == "tool" and s.start < len(where)]
         frame = build_frame(
             state.frames, session.id if session else seq.id, seq.kv, seq.stats, seq.spec,
-            seq.position_tokens, tool_segments, keep=c.budget, sinks=c.sinks, window=c.window,
+            seq.position_tokens, tool_segments(seq), keep=c.budget, sinks=c.sinks, window=c.window,
             num_heads=engine.model_config.num_heads, step=len(seq.generated),
             seed=frame_seed(seq.usage.seed, state.frames), prompt_len=prompt_length(seq),
             rope_inv_freq=engine.model.model.rotary_emb.inv_freq, calibration=engine.loaded.calibration,
@@ -365,6 +360,22 @@ class Compressor:
         log.warning("policy circuit %s -> %s", old, new)
         if self.metrics is not None:
             self.metrics.circuit.add(1, {"kvpilot.circuit.state": new})
+
+
+def tool_segments(seq) -> list[tuple[int, int, int]]:
+    """The session's tool outputs in the cache as (start position, end position, id), the running turn's own
+    tool input included (a session records its segments when a turn ends). Segments are history ranges; frames
+    speak logical positions (apart from history indices once input-only tokens were fed), and only the computed
+    part of a segment has positions."""
+    session = seq.session
+    if session is None:
+        return []
+    where = seq.history_positions
+    ranges = [(s.start, s.end, s.index) for s in session.segments if s.kind == "tool"]
+    if seq.request.input_kind == SegmentKind.TOOL and all(start != seq.input_start for start, _, _ in ranges):
+        ranges.append((seq.input_start, seq.input_start + seq.usage.prompt_tokens, len(ranges)))
+    return [(where[start], where[min(end, len(where)) - 1] + 1, index)
+            for start, end, index in ranges if start < len(where)]
 
 
 def prompt_length(seq) -> int:

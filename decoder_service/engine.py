@@ -68,6 +68,7 @@ from decoder_service.requests import (
 from decoder_service.sampling import (NON_FINITE, SamplingError, apply_penalties, forced_steps, greedy_tokens,
                                       sample_token, token_logprob)
 from decoder_service.sessions import InMemorySessionStore, Session
+from decoder_service.side_threads import SideThreads
 from decoder_service.statistics import SequenceStatistics, feature_weights, statistics_bytes
 from kvpilot_protocol.telemetry import DecoderMetrics
 from kvpilot_protocol.policy import FULL, PolicyDescription, PolicyRejected, PolicyUnavailable, StatsSpec
@@ -219,7 +220,8 @@ class Engine:
         self.busy_sessions: set[str] = set()
         self.metrics = DecoderMetrics(self.pool)
         self.compressor = Compressor(policy=policy, fallback=fallback, metrics=self.metrics)
-        self.step_hooks: list[StepHook] = [self.compressor]
+        self.side_threads = SideThreads()  # SideQuest: forks that name tool outputs to drop (side_threads.py)
+        self.step_hooks: list[StepHook] = [self.compressor, self.side_threads]
         self.steps = 0
         self.stats_capacity_bytes = self.config.stats_memory_bytes or max(1 << 20, self.pool.capacity_bytes // 4)
         self.stats_reserved_bytes = 0  # running sequences' statistics + parked sessions' (parked_stats_bytes)
@@ -911,6 +913,10 @@ class Engine:
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.compressor.release(seq, reason=f"request ended ({seq.finish_reason.value})")
+        try:
+            self.side_threads.turn_ended(self, seq)  # a turn boundary: its side threads' drops apply now
+        except Exception:
+            log.exception("side-thread drops of %s not applied", seq.id)
         self.stats_reserved_bytes -= seq.stats_bytes
         seq.stats_bytes = 0
         seq.usage.generated_tokens = len(seq.generated)
@@ -941,6 +947,7 @@ class Engine:
         gen_start = min(len(session.token_ids), seq.input_start + seq.usage.prompt_tokens)
         session.add_segment(seq.input_start, gen_start, kind)
         session.add_segment(gen_start, len(session.token_ids), SegmentKind.MODEL.value)
+        self.side_threads.mark_segments(session)
         session.turns += 1
         session.generated_tokens += len(seq.generated)
         session.evicted_tokens += seq.usage.evicted_tokens
@@ -986,6 +993,7 @@ class Engine:
 
     def delete_session(self, session_id: str, principal: str | None = None) -> None:
         self.check_deletable(session_id, principal)
+        self.side_threads.forget(session_id)
         had_kv = self.drop_resident(session_id)
         if not self.store.delete(session_id) and not had_kv:
             raise SessionNotFound(f"unknown session id {session_id!r}")
@@ -1102,7 +1110,7 @@ def validate_compression(c: CompressionConfig, context: int | None, describe) ->
     if context is not None and queries > context:
         raise InvalidRequest(f"policy {c.policy!r}: window_queries {queries} exceeds the model's context of "
                              f"{context} (no more queries can ever be observed)")
-    if c.policy != "full" and c.budget == 0:
+    if c.policy != "full" and c.budget == 0 and "side_thread" not in description.spec.names:
         raise InvalidRequest(f"policy {c.policy!r} needs a budget (KV slots to keep) > 0")
     if c.budget and c.budget <= c.protected:
         raise InvalidRequest(

@@ -215,6 +215,12 @@ class Usage:
     seed: int = 0
     time_to_first_token_s: float = 0.0
     duration_s: float = 0.0
+    # Side threads (policy sidequest, decoder_service/side_threads.py): their tokens never enter the session.
+    side_threads: int = 0
+    side_tokens: int = 0
+    side_cut: int = 0  # side threads that ran out of tokens (their answers are void)
+    dropped_tool_outputs: int = 0  # tool outputs dropped at this request's turn boundary
+    side_ignored: int = 0  # ids an answer named that were ignored (unknown, protected, repeated, void answers)
 
 
 @dataclass

@@ -391,7 +391,8 @@ class DecoderServicer:
         info = pb.SessionInfo(
             session_id=session.id, num_tokens=len(session.token_ids), resident_kv_slots=resident,
             turns=session.turns, generated_tokens=session.generated_tokens, evicted_tokens=session.evicted_tokens,
-            segments=[pb.Segment(start=s.start, end=s.end, kind=s.kind, index=s.index) for s in session.segments],
+            segments=[pb.Segment(start=s.start, end=s.end, kind=s.kind, index=s.index, dropped=s.dropped)
+                      for s in session.segments],
             created_at=session.created_at, updated_at=session.updated_at,
         )
         if session.compression:
@@ -511,7 +512,9 @@ def _to_response(request_id: str, event, warnings: list[str] = ()) -> pb.Generat
             peak_kv_slots=u.peak_kv_slots, peak_kv_bytes=u.peak_kv_bytes, reserved_kv_bytes=u.reserved_kv_bytes,
             evicted_tokens=u.evicted_tokens, merged_tokens=u.merged_tokens, compression_events=u.compression_events,
             fallbacks=u.fallbacks, dropped_decisions=u.dropped_decisions, seed=u.seed,
-            time_to_first_token_ms=u.time_to_first_token_s * 1e3, duration_ms=u.duration_s * 1e3),
+            time_to_first_token_ms=u.time_to_first_token_s * 1e3, duration_ms=u.duration_s * 1e3,
+            side_threads=u.side_threads, side_tokens=u.side_tokens, side_cut=u.side_cut,
+            dropped_tool_outputs=u.dropped_tool_outputs, side_ignored=u.side_ignored),
     )
     if isinstance(event.matched_stop, str):
         complete.stop_string = event.matched_stop

@@ -17,6 +17,7 @@ class SegmentRecord:
     end: int  # one past the last
     kind: str  # "user" | "tool" | "model"
     index: int  # per-kind counter: tool outputs are #0, #1, ... (what model-driven policies name)
+    dropped: bool = False  # a tool output a side thread deleted from the KV (the history keeps its tokens)
 
 
 @dataclass

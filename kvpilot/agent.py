@@ -40,6 +40,13 @@ class EpisodeResult:
     evicted_tokens: int = 0
     compression_events: int = 0
     fallbacks: int = 0
+    # Side threads (policy sidequest): how many ran, their tokens, cut ones, tool outputs they dropped, ignored ids.
+    side_threads: int = 0
+    side_tokens: int = 0
+    side_cut: int = 0
+    dropped_tool_outputs: int = 0
+    side_ignored: int = 0
+    reissued: int = 0  # tool calls answered again because their earlier output had been dropped (SideQuest)
     finish: str = ""
     evictions: list[EvictionEvent] = field(default_factory=list)
     # The whole sequence at the end (<bos>, prompt, model turns, tool outputs: the session's history) and its
@@ -56,6 +63,8 @@ class EpisodeResult:
         self.evicted_tokens += usage.evicted_tokens
         self.compression_events += usage.compression_events
         self.fallbacks += usage.fallbacks
+        for name in ("side_threads", "side_tokens", "side_cut", "dropped_tool_outputs", "side_ignored"):
+            setattr(self, name, getattr(self, name) + getattr(usage, name, 0))
 
 
 def stop_criteria(episode: Episode, tokenizer) -> tuple[list[int], list[str]]:
@@ -136,7 +145,12 @@ class EpisodeRunner:
         reply = None
         if (event.finish_reason is FinishReason.STOP and result.turns < self.max_turns
                 and result.generated_tokens < result.episode.generation_limit):
-            reply = result.episode.tool_response(event.text)
+            # Outputs the model's side threads deleted (SideQuest): a call that would point back at one is
+            # answered again with its content, and counted.
+            dropped = frozenset(s.index for s in session.segments if s.kind == "tool" and s.dropped) if session else frozenset()
+            reply = result.episode.tool_response(event.text, dropped)
+            if dropped and reply != result.episode.tool_response(event.text):
+                result.reissued += 1
         context = self.engine.model_config.max_position_embeddings
         if reply is not None:
             reply_ids = self.tokenizer.encode(reply)

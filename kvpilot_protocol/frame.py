@@ -59,6 +59,12 @@ class StatsFrame:
     tool_segments: list[tuple[int, int, int]] = field(default_factory=list)  # (start pos, end pos, index)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # where the statistics live
     prompt_len: int = 0  # logical positions < prompt_len hold the first turn's prompt (a session's first turn)
+    # Side threads (policies that declare `side_thread`; see policy.proto): "" = a compression frame, "turn" = a
+    # session turn began, "answer" = the side thread finished with `side_answer` (cut: it ran out of tokens).
+    side_event: str = ""
+    side_answer: str = ""
+    side_cut: bool = False
+    turn: int = 0  # the session's turns before this one
 
     @property
     def group_size(self) -> int:
@@ -117,7 +123,18 @@ class SpanDrop:
     guards: tuple[str, ...] = ()
 
 
-Plan = KeepSet | MergePlanSpec | SpanDrop
+@dataclass
+class SideThreadPlan:
+    """Run a side thread (SideQuest): fork the session's cache, feed `prompt`, generate greedily up to `max_tokens`
+    or `stop`; its text comes back in an "answer" frame. Its tokens never enter the session."""
+
+    prompt: str
+    max_tokens: int
+    stop: str = ""
+    guards: tuple[str, ...] = ()
+
+
+Plan = KeepSet | MergePlanSpec | SpanDrop | SideThreadPlan
 
 
 @dataclass

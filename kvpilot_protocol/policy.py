@@ -12,6 +12,11 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 
+# Names a policy may list beside its statistics that ask the decoder for a behaviour, not a tensor: `side_thread`
+# (SideQuest) makes the decoder send "turn" and "answer" frames and run the side threads they plan.
+CAPABILITIES = frozenset({"side_thread"})
+
+
 @dataclass(frozen=True)
 class StatsSpec:
     """What the decoder must compute for a policy."""

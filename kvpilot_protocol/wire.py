@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from kvpilot_protocol.v1 import policy_pb2 as pb
-from kvpilot_protocol.frame import Decision, KeepSet, MergePlanSpec, SpanDrop, StatsFrame
+from kvpilot_protocol.frame import Decision, KeepSet, MergePlanSpec, SideThreadPlan, SpanDrop, StatsFrame
 from kvpilot_protocol.policy import PolicyDescription, StatsSpec
 
 DTYPES = {
@@ -47,6 +47,7 @@ def frame_to_pb(frame: StatsFrame, policy: str, params: dict[str, str], request_
         num_kv_heads=frame.num_kv_heads, num_heads=frame.num_heads, step=frame.step, seed=frame.seed,
         stats={name: tensor_to_pb(t) for name, t in frame.stats.items()},
         tool_segments=[pb.ToolSegment(start=s, end=e, index=i) for s, e, i in frame.tool_segments],
+        side_event=frame.side_event, side_answer=frame.side_answer, side_cut=frame.side_cut, turn=frame.turn,
     )
 
 
@@ -56,6 +57,7 @@ def frame_from_pb(m: pb.StatsFrame) -> StatsFrame:
         num_layers=m.num_layers, num_kv_heads=m.num_kv_heads, num_heads=m.num_heads, step=m.step, seed=m.seed,
         stats={name: tensor_from_pb(t) for name, t in m.stats.items()},
         tool_segments=[(s.start, s.end, s.index) for s in m.tool_segments], prompt_len=m.prompt_len,
+        side_event=m.side_event, side_answer=m.side_answer, side_cut=m.side_cut, turn=m.turn,
     )
 
 
@@ -78,6 +80,8 @@ def decision_to_pb(d: Decision, session_id: str = "", replica: str = "", error: 
         m.merge.anchors.CopyFrom(tensor_to_pb(torch.tensor(plan.anchors, dtype=torch.int64)))
     elif isinstance(plan, SpanDrop):
         m.span_drop.spans.extend(pb.Span(start=s, end=e) for s, e in plan.spans)
+    elif isinstance(plan, SideThreadPlan):
+        m.side_thread.CopyFrom(pb.SideThread(prompt=plan.prompt, max_tokens=plan.max_tokens, stop=plan.stop))
     else:
         raise TypeError(f"cannot serialise plan {type(plan).__name__}")
     m.guards.extend(getattr(plan, "guards", ()))
@@ -98,6 +102,8 @@ def decision_from_pb(m: pb.Decision) -> Decision:
                              anchors=tensor_from_pb(m.merge.anchors).tolist())
     elif which == "span_drop":
         plan = SpanDrop([(s.start, s.end) for s in m.span_drop.spans])
+    elif which == "side_thread":
+        plan = SideThreadPlan(m.side_thread.prompt, m.side_thread.max_tokens, m.side_thread.stop)
     if plan is not None and m.guards:
         plan.guards = tuple(m.guards)
     return Decision(frame_id=m.frame_id, plan=plan, policy=m.policy, seed=m.seed, latency_s=m.latency_ms / 1e3,

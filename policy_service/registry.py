@@ -13,6 +13,7 @@ from policy_service.scorers.h2o import H2O
 from policy_service.scorers.knorm import Knorm
 from policy_service.scorers.random_policy import Random
 from policy_service.scorers.rkv import RKV
+from policy_service.scorers.sidequest import SideQuest
 from policy_service.scorers.snapkv import SnapKV
 from policy_service.scorers.streaming_llm import StreamingLLM
 from policy_service.scorers.tova import TOVA
@@ -20,7 +21,7 @@ from policy_service.scorers.triattention import TriAttention
 from policy_service.scorers.vase import VaSE
 
 POLICIES: dict[str, type[Scorer]] = {cls.name: cls for cls in (Full, Random, StreamingLLM, H2O, TOVA, SnapKV, Knorm, RKV, VaSE, CASK,
-                                                             TriAttention, Foresight, Golden)}
+                                                             TriAttention, Foresight, Golden, SideQuest)}
 
 
 def available_policies() -> list[str]:

@@ -20,6 +20,7 @@ from kvpilot_protocol.v1 import policy_pb2_grpc
 from kvpilot_protocol import telemetry
 from kvpilot_protocol.background import BackgroundServer, start_grpc_server
 from kvpilot_protocol.frame import Decision, KeepSet
+from kvpilot_protocol.policy import CAPABILITIES
 from kvpilot_protocol.wire import decision_to_pb, description_to_pb, frame_from_pb
 from policy_service.local import InProcessPolicy
 
@@ -50,8 +51,9 @@ class PolicyCore:
             try:
                 scorer = self.scorer(message.policy, dict(message.params))
                 frame = frame_from_pb(message)
-                missing = scorer.spec().names - set(frame.stats) - {"positions"}
-                if missing:
+                # Side frames (SideQuest's "turn" / "answer") carry no statistics by design.
+                missing = scorer.spec().names - set(frame.stats) - {"positions"} - CAPABILITIES
+                if missing and not frame.side_event:
                     raise ValueError(f"frame lacks statistics {sorted(missing)} that policy {message.policy!r} needs")
                 plan = await asyncio.to_thread(scorer.plan, frame)
             except Exception as exc:  # answered in-band: the decoder falls back and reports it

@@ -38,7 +38,7 @@ def test_batches_are_a_pure_function_of_seed_and_step():
     for a, b in zip(first, again):
         assert torch.equal(a, b)
     assert first[0].shape != other[0].shape or not torch.equal(first[0], other[0])
-    inputs, targets, mask = first
+    inputs, targets, mask, _ = first
     assert inputs.numel() <= 512 and mask.any()
     assert not (targets[mask] == vocab[PAD]).any()  # padding is never a training target
     assert torch.equal(inputs[:, 1:], targets[:, :-1])  # next-token targets
@@ -122,7 +122,7 @@ def test_v1_batches_never_change():
     args = train_model.resolve_preset(parser.parse_args([]))
     digest = hashlib.sha256()
     for step in (0, 450, 1700, 4000):
-        inputs, targets, mask = train_model.make_batch(args, step, token_ids())
+        inputs, targets, mask, _ = train_model.make_batch(args, step, token_ids())
         digest.update(inputs.numpy().tobytes())
         digest.update(mask.numpy().tobytes())
         digest.update(str(tuple(inputs.shape)).encode())

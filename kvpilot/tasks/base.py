@@ -48,8 +48,10 @@ class Episode:
         its context costs bounded time (the tokenizer is word-level: one word, one token)."""
         return 2 * sum(len(text.split()) for role, text in self.reference if role == "model") + 16
 
-    def tool_response(self, model_turn_text: str) -> str | None:
-        """The environment's reply to one model turn; None when the turn is final. Single-pass tasks: always None."""
+    def tool_response(self, model_turn_text: str, dropped: frozenset[int] = frozenset()) -> str | None:
+        """The environment's reply to one model turn; None when the turn is final. Single-pass tasks: always None.
+        `dropped`: ids of tool outputs the model's memory management deleted from its context (SideQuest): a reply
+        that would point back at one re-issues its content instead (see MultihopWalkEpisode)."""
         return None
 
     def extract_answer(self, model_text: str) -> str | None:

@@ -77,8 +77,9 @@ class MultihopEpisode(Episode):
     color: dict[str, str] = field(default_factory=dict, repr=False)
     link: dict[str, str] = field(default_factory=dict, repr=False)
 
-    def tool_response(self, model_turn_text: str) -> str | None:
+    def tool_response(self, model_turn_text: str, dropped: frozenset[int] = frozenset()) -> str | None:
         """Reply to the last `<call> X </call>` of the turn; None when the turn calls nothing (final answer).
+        (A chain never points back at an earlier output, so `dropped` changes nothing here.)
 
         The output id is the called entity's index on the true chain (0, 1, ... for a correct run); any
         off-chain call gets id `hops + 1`. Distractors depend only on the episode and the called entity.
@@ -161,7 +162,7 @@ class MultihopWalkEpisode(Episode):
     def hops(self) -> int:
         return len(self.walk)
 
-    def tool_response(self, model_turn_text: str) -> str | None:
+    def tool_response(self, model_turn_text: str, dropped: frozenset[int] = frozenset()) -> str | None:
         """Reply to the last `<call> X </call>` of the turn; None when the turn calls nothing (final answer).
 
         The call's step is the number of the hop line just before it (`3 k42 a k77 ; <call> k77 </call>`: step 3;
@@ -181,6 +182,9 @@ class MultihopWalkEpisode(Episode):
         else:
             step = None
         if step is not None and step < self.hops and self.path[step] == called:
+            first = self.path.index(called)
+            if first < step and first in dropped:  # the output it would point at was deleted: re-issue the call
+                return render_walk_documents(self, called, step)
             return self.replies[step]
         tool_id = self.hops + 1
         if called not in self.color:
@@ -255,6 +259,24 @@ def generate_walk(seed: int, difficulty: str, params: MultihopParams) -> Multiho
             turn = f"{hop} start {start} {color[start]} ; ans {episode.answer}"
     episode.reference.append(("model", turn))
     return episode
+
+
+def last_uses(episode: Episode) -> list[int]:
+    """The last model turn that reads each tool output of the reference trace (SideQuest's labels).
+
+    Model turn t (0-based) comes before tool output #t; turn t + 1 writes the hop line from output #t's
+    document. In the chain form output #t is read by turn t + 1 only, and output #0 again by the final turn
+    (the start's color). In the walk form a return's reply `#i #k` points back at output #k, so turn i + 1 reads
+    #k (and #i); every output is thereby last read by the turn after the latest visit of its entity, and #0 by
+    the final turn. An output whose last use is <= t is obsolete once turn t is written."""
+    hops = episode.hops if isinstance(episode, MultihopWalkEpisode) else len(episode.chain) - 1
+    last = list(range(1, hops + 1))  # output #t is read by turn t + 1
+    if isinstance(episode, MultihopWalkEpisode):
+        for i, entity in enumerate(episode.path[:-1]):
+            first = episode.path.index(entity)
+            last[first] = max(last[first], i + 1)
+    last[0] = hops  # the final turn restates the start's color, in output #0 only
+    return last
 
 
 def resolve(difficulty: str, knobs: dict) -> MultihopParams:

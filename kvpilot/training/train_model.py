@@ -119,6 +119,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--drill-share", type=float, default=0.3,
                         help="share of lookup-drill sequences early in training (a fifth of it later)")
     parser.add_argument("--drill-until", type=float, default=0.3, help="progress at which the drill share drops")
+    parser.add_argument("--sidequest-share", type=float, default=0.0,
+                        help="share of sequences that are SideQuest side threads (multihop traces forked at a tool "
+                             "output, answered with the outputs whose last use is past; kvpilot.training."
+                             "sidequest_data); the rest is the usual mix, which keeps the main task as it was")
     parser.add_argument("--curriculum", choices=sorted(CURRICULA), default=None,
                         help="difficulty schedule: v1 (easy/default/hard) or v2 (adds the long variants)")
     parser.add_argument("--curriculum-scale", type=float, default=1.0,
@@ -220,8 +224,9 @@ def drill_words(rng: random.Random, facts: int, copy: bool = False) -> tuple[lis
     return words, mask
 
 
-def make_batch(args, step: int, vocab: dict[str, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(inputs, targets, loss mask) for one step; a pure function of (seed, step)."""
+def make_batch(args, step: int, vocab: dict[str, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(inputs, targets, loss mask, positions) for one step; a pure function of (seed, step). Positions are
+    0, 1, ... except in SideQuest side threads, whose deleted tool outputs leave gaps (as in the runtime's cache)."""
     rng = random.Random(f"train/{args.seed}/{step}")
     progress = min(1.0, step / (args.steps * args.curriculum_scale))
     weights = difficulty_weights(progress, CURRICULA[args.curriculum])
@@ -237,10 +242,20 @@ def make_batch(args, step: int, vocab: dict[str, int]) -> tuple[torch.Tensor, to
     else:  # multihop puts the fewest model-written tokens in a sequence: show it more often
         task_weights = [1.5 if task == "multihop" else 1.0 for task in tasks]
 
+    sidequest_share = getattr(args, "sidequest_share", 0.0)
     sequences = []
     longest = 0
     while True:
-        if rng.random() < drill_share:
+        positions = None
+        if sidequest_share and difficulty != "easy" and rng.random() < sidequest_share:
+            from kvpilot.training.sidequest_data import random_side_example
+
+            episode = make_episode("multihop", TRAIN_SEED_BASE + rng.randrange(10**9), difficulty)
+            example = random_side_example(episode, rng)
+            if example is None:
+                continue
+            words, mask, positions = example
+        elif rng.random() < drill_share:
             words, mask = drill_words(rng, rng.randint(*DRILL_FACTS[difficulty]), copy=warmup)
         else:
             task = rng.choices(tasks, task_weights)[0]
@@ -249,17 +264,20 @@ def make_batch(args, step: int, vocab: dict[str, int]) -> tuple[torch.Tensor, to
         longest_if_added = max(longest, len(words) + 1)
         if sequences and longest_if_added * (len(sequences) + 1) > args.batch_tokens:
             break
-        sequences.append(([vocab[BOS]] + [vocab[w] for w in words], [False] + mask))
+        positions = [0] + (list(positions) if positions is not None else list(range(1, len(words) + 1)))
+        sequences.append(([vocab[BOS]] + [vocab[w] for w in words], [False] + mask, positions))
         longest = longest_if_added
 
     pad = vocab[PAD]
     ids = torch.full((len(sequences), longest), pad, dtype=torch.long)
     loss_mask = torch.zeros((len(sequences), longest), dtype=torch.bool)
-    for row, (seq, mask) in enumerate(sequences):
+    pos = torch.arange(longest).repeat(len(sequences), 1)  # padding continues the count (it is masked anyway)
+    for row, (seq, mask, where) in enumerate(sequences):
         ids[row, : len(seq)] = torch.tensor(seq)
         loss_mask[row, : len(mask)] = torch.tensor(mask)
+        pos[row, : len(where)] = torch.tensor(where)
     # Predict token t from tokens < t: the mask belongs to the target position.
-    return ids[:, :-1], ids[:, 1:], loss_mask[:, 1:]
+    return ids[:, :-1], ids[:, 1:], loss_mask[:, 1:], pos[:, :-1]
 
 
 # --------------------------------------------------------------------------------------------- model
@@ -364,13 +382,12 @@ def train_step(model, optimizer, batch, args, world: int, freeze_lookback: bool 
     is known locally: dividing the summed loss by it and summing gradients across ranks gives exactly the
     full-batch gradient, whatever the split.
     """
-    inputs, targets, mask = batch
+    inputs, targets, mask, positions = batch
     total = mask.sum()
     rank = dist.get_rank() if world > 1 else 0
-    inputs, targets, mask = inputs[rank::world], targets[rank::world], mask[rank::world]
+    inputs, targets, mask, positions = inputs[rank::world], targets[rank::world], mask[rank::world], positions[rank::world]
     width = int(mask.any(0).nonzero().max()) + 1 if mask.any() else 1  # drop this shard's trailing padding
-    inputs, targets, mask = inputs[:, :width], targets[:, :width], mask[:, :width]
-    positions = torch.arange(width).expand_as(inputs)
+    inputs, targets, mask, positions = inputs[:, :width], targets[:, :width], mask[:, :width], positions[:, :width]
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
         logits = model(inputs, positions)
     loss_sum = F.cross_entropy(logits[mask], targets[mask], reduction="sum")

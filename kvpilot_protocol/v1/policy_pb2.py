@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n kvpilot_protocol/v1/policy.proto\x12\nkvpilot.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"8\n\x0bToolSegment\x12\r\n\x05start\x18\x01 \x01(\x04\x12\x0b\n\x03\x65nd\x18\x02 \x01(\x04\x12\r\n\x05index\x18\x03 \x01(\r\"\xf8\x04\n\nStatsFrame\x12\x10\n\x08\x66rame_id\x18\x01 \x01(\x04\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x0e\n\x06policy\x18\x03 \x01(\t\x12\x32\n\x06params\x18\x04 \x03(\x0b\x32\".kvpilot.v1.StatsFrame.ParamsEntry\x12\t\n\x01n\x18\x05 \x01(\r\x12\x0c\n\x04keep\x18\x06 \x01(\r\x12\r\n\x05sinks\x18\x07 \x01(\r\x12\x0e\n\x06window\x18\x08 \x01(\r\x12\x12\n\nnum_layers\x18\t \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\n \x01(\r\x12\x11\n\tnum_heads\x18\x0b \x01(\r\x12\x0c\n\x04step\x18\x0c \x01(\r\x12\x0c\n\x04seed\x18\r \x01(\x04\x12\x30\n\x05stats\x18\x0e \x03(\x0b\x32!.kvpilot.v1.StatsFrame.StatsEntry\x12.\n\rtool_segments\x18\x0f \x03(\x0b\x32\x17.kvpilot.v1.ToolSegment\x12?\n\rtrace_context\x18\x10 \x03(\x0b\x32(.kvpilot.v1.StatsFrame.TraceContextEntry\x12\x12\n\nrequest_id\x18\x11 \x01(\t\x12\x12\n\nprompt_len\x18\x12 \x01(\x04\x1a-\n\x0bParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a@\n\nStatsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12!\n\x05value\x18\x02 \x01(\x0b\x32\x12.kvpilot.v1.Tensor:\x02\x38\x01\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\".\n\x07KeepSet\x12#\n\x07indices\x18\x01 \x01(\x0b\x32\x12.kvpilot.v1.Tensor\"\xa5\x01\n\tMergePlan\x12)\n\rgroup_offsets\x18\x01 \x01(\x0b\x32\x12.kvpilot.v1.Tensor\x12#\n\x07sources\x18\x02 \x01(\x0b\x32\x12.kvpilot.v1.Tensor\x12#\n\x07weights\x18\x03 \x01(\x0b\x32\x12.kvpilot.v1.Tensor\x12#\n\x07\x61nchors\x18\x04 \x01(\x0b\x32\x12.kvpilot.v1.Tensor\"\"\n\x04Span\x12\r\n\x05start\x18\x01 \x01(\x04\x12\x0b\n\x03\x65nd\x18\x02 \x01(\x04\"+\n\x08SpanDrop\x12\x1f\n\x05spans\x18\x01 \x03(\x0b\x32\x10.kvpilot.v1.Span\"\t\n\x07KeepAll\"\xcf\x02\n\x08\x44\x65\x63ision\x12\x10\n\x08\x66rame_id\x18\x01 \x01(\x04\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x0e\n\x06policy\x18\x03 \x01(\t\x12\x0c\n\x04seed\x18\x04 \x01(\x04\x12\x12\n\nlatency_ms\x18\x05 \x01(\x01\x12\x0f\n\x07replica\x18\x06 \x01(\t\x12#\n\x04keep\x18\x07 \x01(\x0b\x32\x13.kvpilot.v1.KeepSetH\x00\x12&\n\x05merge\x18\x08 \x01(\x0b\x32\x15.kvpilot.v1.MergePlanH\x00\x12)\n\tspan_drop\x18\t \x01(\x0b\x32\x14.kvpilot.v1.SpanDropH\x00\x12\'\n\x08keep_all\x18\n \x01(\x0b\x32\x13.kvpilot.v1.KeepAllH\x00\x12\r\n\x05\x65rror\x18\x0b \x01(\t\x12\x12\n\nrequest_id\x18\x0c \x01(\t\x12\x0e\n\x06guards\x18\r \x03(\tB\x06\n\x04plan\"\x89\x01\n\x0f\x44\x65scribeRequest\x12\x0e\n\x06policy\x18\x01 \x01(\t\x12\x37\n\x06params\x18\x02 \x03(\x0b\x32\'.kvpilot.v1.DescribeRequest.ParamsEntry\x1a-\n\x0bParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"8\n\tParameter\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x0f\n\x07\x64\x65\x66\x61ult\x18\x03 \x01(\t\"\xe7\x01\n\x11PolicyDescription\x12\x0e\n\x06policy\x18\x01 \x01(\t\x12\x0f\n\x07summary\x18\x02 \x01(\t\x12\x12\n\nstatistics\x18\x03 \x03(\t\x12\x16\n\x0ewindow_queries\x18\x04 \x01(\r\x12\r\n\x05\x64\x65\x63\x61y\x18\x05 \x01(\x01\x12)\n\nparameters\x18\x06 \x03(\x0b\x32\x15.kvpilot.v1.Parameter\x12\x17\n\x0fprojection_rank\x18\x07 \x01(\r\x12\x17\n\x0f\x66\x65\x61ture_weights\x18\x08 \x01(\x0c\x12\x19\n\x11model_fingerprint\x18\t \x01(\t\"C\n\x10\x44\x65scribeResponse\x12/\n\x08policies\x18\x01 \x03(\x0b\x32\x1d.kvpilot.v1.PolicyDescription2\xc8\x01\n\x06Policy\x12:\n\x06\x44\x65\x63ide\x12\x16.kvpilot.v1.StatsFrame\x1a\x14.kvpilot.v1.Decision(\x01\x30\x01\x12;\n\x0b\x44\x65\x63ideFrame\x12\x16.kvpilot.v1.StatsFrame\x1a\x14.kvpilot.v1.Decision\x12\x45\n\x08\x44\x65scribe\x12\x1b.kvpilot.v1.DescribeRequest\x1a\x1c.kvpilot.v1.DescribeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n kvpilot_protocol/v1/policy.proto\x12\nkvpilot.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"8\n\x0bToolSegment\x12\r\n\x05start\x18\x01 \x01(\x04\x12\x0b\n\x03\x65nd\x18\x02 \x01(\x04\x12\r\n\x05index\x18\x03 \x01(\r\"\xc1\x05\n\nStatsFrame\x12\x10\n\x08\x66rame_id\x18\x01 \x01(\x04\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x0e\n\x06policy\x18\x03 \x01(\t\x12\x32\n\x06params\x18\x04 \x03(\x0b\x32\".kvpilot.v1.StatsFrame.ParamsEntry\x12\t\n\x01n\x18\x05 \x01(\r\x12\x0c\n\x04keep\x18\x06 \x01(\r\x12\r\n\x05sinks\x18\x07 \x01(\r\x12\x0e\n\x06window\x18\x08 \x01(\r\x12\x12\n\nnum_layers\x18\t \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\n \x01(\r\x12\x11\n\tnum_heads\x18\x0b \x01(\r\x12\x0c\n\x04step\x18\x0c \x01(\r\x12\x0c\n\x04seed\x18\r \x01(\x04\x12\x30\n\x05stats\x18\x0e \x03(\x0b\x32!.kvpilot.v1.StatsFrame.StatsEntry\x12.\n\rtool_segments\x18\x0f \x03(\x0b\x32\x17.kvpilot.v1.ToolSegment\x12?\n\rtrace_context\x18\x10 \x03(\x0b\x32(.kvpilot.v1.StatsFrame.TraceContextEntry\x12\x12\n\nrequest_id\x18\x11 \x01(\t\x12\x12\n\nprompt_len\x18\x12 \x01(\x04\x12\x12\n\nside_event\x18\x13 \x01(\t\x12\x13\n\x0bside_answer\x18\x14 \x01(\t\x12\x10\n\x08side_cut\x18\x15 \x01(\x08\x12\x0c\n\x04turn\x18\x16 \x01(\r\x1a-\n\x0bParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a@\n\nStatsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12!\n\x05value\x18\x02 \x01(\x0b\x32\x12.kvpilot.v1.Tensor:\x02\x38\x01\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\".\n\x07KeepSet\x12#\n\x07indices\x18\x01 \x01(\x0b\x32\x12.kvpilot.v1.Tensor\"\xa5\x01\n\tMergePlan\x12)\n\rgroup_offsets\x18\x01 \x01(\x0b\x32\x12.kvpilot.v1.Tensor\x12#\n\x07sources\x18\x02 \x01(\x0b\x32\x12.kvpilot.v1.Tensor\x12#\n\x07weights\x18\x03 \x01(\x0b\x32\x12.kvpilot.v1.Tensor\x12#\n\x07\x61nchors\x18\x04 \x01(\x0b\x32\x12.kvpilot.v1.Tensor\"\"\n\x04Span\x12\r\n\x05start\x18\x01 \x01(\x04\x12\x0b\n\x03\x65nd\x18\x02 \x01(\x04\"+\n\x08SpanDrop\x12\x1f\n\x05spans\x18\x01 \x03(\x0b\x32\x10.kvpilot.v1.Span\"\t\n\x07KeepAll\">\n\nSideThread\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x12\n\nmax_tokens\x18\x02 \x01(\r\x12\x0c\n\x04stop\x18\x03 \x01(\t\"\xfe\x02\n\x08\x44\x65\x63ision\x12\x10\n\x08\x66rame_id\x18\x01 \x01(\x04\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x0e\n\x06policy\x18\x03 \x01(\t\x12\x0c\n\x04seed\x18\x04 \x01(\x04\x12\x12\n\nlatency_ms\x18\x05 \x01(\x01\x12\x0f\n\x07replica\x18\x06 \x01(\t\x12#\n\x04keep\x18\x07 \x01(\x0b\x32\x13.kvpilot.v1.KeepSetH\x00\x12&\n\x05merge\x18\x08 \x01(\x0b\x32\x15.kvpilot.v1.MergePlanH\x00\x12)\n\tspan_drop\x18\t \x01(\x0b\x32\x14.kvpilot.v1.SpanDropH\x00\x12\'\n\x08keep_all\x18\n \x01(\x0b\x32\x13.kvpilot.v1.KeepAllH\x00\x12-\n\x0bside_thread\x18\x0e \x01(\x0b\x32\x16.kvpilot.v1.SideThreadH\x00\x12\r\n\x05\x65rror\x18\x0b \x01(\t\x12\x12\n\nrequest_id\x18\x0c \x01(\t\x12\x0e\n\x06guards\x18\r \x03(\tB\x06\n\x04plan\"\x89\x01\n\x0f\x44\x65scribeRequest\x12\x0e\n\x06policy\x18\x01 \x01(\t\x12\x37\n\x06params\x18\x02 \x03(\x0b\x32\'.kvpilot.v1.DescribeRequest.ParamsEntry\x1a-\n\x0bParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"8\n\tParameter\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x0f\n\x07\x64\x65\x66\x61ult\x18\x03 \x01(\t\"\xe7\x01\n\x11PolicyDescription\x12\x0e\n\x06policy\x18\x01 \x01(\t\x12\x0f\n\x07summary\x18\x02 \x01(\t\x12\x12\n\nstatistics\x18\x03 \x03(\t\x12\x16\n\x0ewindow_queries\x18\x04 \x01(\r\x12\r\n\x05\x64\x65\x63\x61y\x18\x05 \x01(\x01\x12)\n\nparameters\x18\x06 \x03(\x0b\x32\x15.kvpilot.v1.Parameter\x12\x17\n\x0fprojection_rank\x18\x07 \x01(\r\x12\x17\n\x0f\x66\x65\x61ture_weights\x18\x08 \x01(\x0c\x12\x19\n\x11model_fingerprint\x18\t \x01(\t\"C\n\x10\x44\x65scribeResponse\x12/\n\x08policies\x18\x01 \x03(\x0b\x32\x1d.kvpilot.v1.PolicyDescription2\xc8\x01\n\x06Policy\x12:\n\x06\x44\x65\x63ide\x12\x16.kvpilot.v1.StatsFrame\x1a\x14.kvpilot.v1.Decision(\x01\x30\x01\x12;\n\x0b\x44\x65\x63ideFrame\x12\x16.kvpilot.v1.StatsFrame\x1a\x14.kvpilot.v1.Decision\x12\x45\n\x08\x44\x65scribe\x12\x1b.kvpilot.v1.DescribeRequest\x1a\x1c.kvpilot.v1.DescribeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -44,35 +44,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOOLSEGMENT']._serialized_start=102
   _globals['_TOOLSEGMENT']._serialized_end=158
   _globals['_STATSFRAME']._serialized_start=161
-  _globals['_STATSFRAME']._serialized_end=793
-  _globals['_STATSFRAME_PARAMSENTRY']._serialized_start=629
-  _globals['_STATSFRAME_PARAMSENTRY']._serialized_end=674
-  _globals['_STATSFRAME_STATSENTRY']._serialized_start=676
-  _globals['_STATSFRAME_STATSENTRY']._serialized_end=740
-  _globals['_STATSFRAME_TRACECONTEXTENTRY']._serialized_start=742
-  _globals['_STATSFRAME_TRACECONTEXTENTRY']._serialized_end=793
-  _globals['_KEEPSET']._serialized_start=795
-  _globals['_KEEPSET']._serialized_end=841
-  _globals['_MERGEPLAN']._serialized_start=844
-  _globals['_MERGEPLAN']._serialized_end=1009
-  _globals['_SPAN']._serialized_start=1011
-  _globals['_SPAN']._serialized_end=1045
-  _globals['_SPANDROP']._serialized_start=1047
-  _globals['_SPANDROP']._serialized_end=1090
-  _globals['_KEEPALL']._serialized_start=1092
-  _globals['_KEEPALL']._serialized_end=1101
-  _globals['_DECISION']._serialized_start=1104
-  _globals['_DECISION']._serialized_end=1439
-  _globals['_DESCRIBEREQUEST']._serialized_start=1442
-  _globals['_DESCRIBEREQUEST']._serialized_end=1579
-  _globals['_DESCRIBEREQUEST_PARAMSENTRY']._serialized_start=629
-  _globals['_DESCRIBEREQUEST_PARAMSENTRY']._serialized_end=674
-  _globals['_PARAMETER']._serialized_start=1581
-  _globals['_PARAMETER']._serialized_end=1637
-  _globals['_POLICYDESCRIPTION']._serialized_start=1640
-  _globals['_POLICYDESCRIPTION']._serialized_end=1871
-  _globals['_DESCRIBERESPONSE']._serialized_start=1873
-  _globals['_DESCRIBERESPONSE']._serialized_end=1940
-  _globals['_POLICY']._serialized_start=1943
-  _globals['_POLICY']._serialized_end=2143
+  _globals['_STATSFRAME']._serialized_end=866
+  _globals['_STATSFRAME_PARAMSENTRY']._serialized_start=702
+  _globals['_STATSFRAME_PARAMSENTRY']._serialized_end=747
+  _globals['_STATSFRAME_STATSENTRY']._serialized_start=749
+  _globals['_STATSFRAME_STATSENTRY']._serialized_end=813
+  _globals['_STATSFRAME_TRACECONTEXTENTRY']._serialized_start=815
+  _globals['_STATSFRAME_TRACECONTEXTENTRY']._serialized_end=866
+  _globals['_KEEPSET']._serialized_start=868
+  _globals['_KEEPSET']._serialized_end=914
+  _globals['_MERGEPLAN']._serialized_start=917
+  _globals['_MERGEPLAN']._serialized_end=1082
+  _globals['_SPAN']._serialized_start=1084
+  _globals['_SPAN']._serialized_end=1118
+  _globals['_SPANDROP']._serialized_start=1120
+  _globals['_SPANDROP']._serialized_end=1163
+  _globals['_KEEPALL']._serialized_start=1165
+  _globals['_KEEPALL']._serialized_end=1174
+  _globals['_SIDETHREAD']._serialized_start=1176
+  _globals['_SIDETHREAD']._serialized_end=1238
+  _globals['_DECISION']._serialized_start=1241
+  _globals['_DECISION']._serialized_end=1623
+  _globals['_DESCRIBEREQUEST']._serialized_start=1626
+  _globals['_DESCRIBEREQUEST']._serialized_end=1763
+  _globals['_DESCRIBEREQUEST_PARAMSENTRY']._serialized_start=702
+  _globals['_DESCRIBEREQUEST_PARAMSENTRY']._serialized_end=747
+  _globals['_PARAMETER']._serialized_start=1765
+  _globals['_PARAMETER']._serialized_end=1821
+  _globals['_POLICYDESCRIPTION']._serialized_start=1824
+  _globals['_POLICYDESCRIPTION']._serialized_end=2055
+  _globals['_DESCRIBERESPONSE']._serialized_start=2057
+  _globals['_DESCRIBERESPONSE']._serialized_end=2124
+  _globals['_POLICY']._serialized_start=2127
+  _globals['_POLICY']._serialized_end=2327
 # @@protoc_insertion_point(module_scope)

@@ -27,7 +27,7 @@ class ToolSegment(_message.Message):
     def __init__(self, start: _Optional[int] = ..., end: _Optional[int] = ..., index: _Optional[int] = ...) -> None: ...
 
 class StatsFrame(_message.Message):
-    __slots__ = ("frame_id", "session_id", "policy", "params", "n", "keep", "sinks", "window", "num_layers", "num_kv_heads", "num_heads", "step", "seed", "stats", "tool_segments", "trace_context", "request_id", "prompt_len")
+    __slots__ = ("frame_id", "session_id", "policy", "params", "n", "keep", "sinks", "window", "num_layers", "num_kv_heads", "num_heads", "step", "seed", "stats", "tool_segments", "trace_context", "request_id", "prompt_len", "side_event", "side_answer", "side_cut", "turn")
     class ParamsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -67,6 +67,10 @@ class StatsFrame(_message.Message):
     TRACE_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_LEN_FIELD_NUMBER: _ClassVar[int]
+    SIDE_EVENT_FIELD_NUMBER: _ClassVar[int]
+    SIDE_ANSWER_FIELD_NUMBER: _ClassVar[int]
+    SIDE_CUT_FIELD_NUMBER: _ClassVar[int]
+    TURN_FIELD_NUMBER: _ClassVar[int]
     frame_id: int
     session_id: str
     policy: str
@@ -85,7 +89,11 @@ class StatsFrame(_message.Message):
     trace_context: _containers.ScalarMap[str, str]
     request_id: str
     prompt_len: int
-    def __init__(self, frame_id: _Optional[int] = ..., session_id: _Optional[str] = ..., policy: _Optional[str] = ..., params: _Optional[_Mapping[str, str]] = ..., n: _Optional[int] = ..., keep: _Optional[int] = ..., sinks: _Optional[int] = ..., window: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., num_heads: _Optional[int] = ..., step: _Optional[int] = ..., seed: _Optional[int] = ..., stats: _Optional[_Mapping[str, Tensor]] = ..., tool_segments: _Optional[_Iterable[_Union[ToolSegment, _Mapping]]] = ..., trace_context: _Optional[_Mapping[str, str]] = ..., request_id: _Optional[str] = ..., prompt_len: _Optional[int] = ...) -> None: ...
+    side_event: str
+    side_answer: str
+    side_cut: bool
+    turn: int
+    def __init__(self, frame_id: _Optional[int] = ..., session_id: _Optional[str] = ..., policy: _Optional[str] = ..., params: _Optional[_Mapping[str, str]] = ..., n: _Optional[int] = ..., keep: _Optional[int] = ..., sinks: _Optional[int] = ..., window: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., num_heads: _Optional[int] = ..., step: _Optional[int] = ..., seed: _Optional[int] = ..., stats: _Optional[_Mapping[str, Tensor]] = ..., tool_segments: _Optional[_Iterable[_Union[ToolSegment, _Mapping]]] = ..., trace_context: _Optional[_Mapping[str, str]] = ..., request_id: _Optional[str] = ..., prompt_len: _Optional[int] = ..., side_event: _Optional[str] = ..., side_answer: _Optional[str] = ..., side_cut: _Optional[bool] = ..., turn: _Optional[int] = ...) -> None: ...
 
 class KeepSet(_message.Message):
     __slots__ = ("indices",)
@@ -123,8 +131,18 @@ class KeepAll(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class SideThread(_message.Message):
+    __slots__ = ("prompt", "max_tokens", "stop")
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    STOP_FIELD_NUMBER: _ClassVar[int]
+    prompt: str
+    max_tokens: int
+    stop: str
+    def __init__(self, prompt: _Optional[str] = ..., max_tokens: _Optional[int] = ..., stop: _Optional[str] = ...) -> None: ...
+
 class Decision(_message.Message):
-    __slots__ = ("frame_id", "session_id", "policy", "seed", "latency_ms", "replica", "keep", "merge", "span_drop", "keep_all", "error", "request_id", "guards")
+    __slots__ = ("frame_id", "session_id", "policy", "seed", "latency_ms", "replica", "keep", "merge", "span_drop", "keep_all", "side_thread", "error", "request_id", "guards")
     FRAME_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
@@ -135,6 +153,7 @@ class Decision(_message.Message):
     MERGE_FIELD_NUMBER: _ClassVar[int]
     SPAN_DROP_FIELD_NUMBER: _ClassVar[int]
     KEEP_ALL_FIELD_NUMBER: _ClassVar[int]
+    SIDE_THREAD_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     GUARDS_FIELD_NUMBER: _ClassVar[int]
@@ -148,10 +167,11 @@ class Decision(_message.Message):
     merge: MergePlan
     span_drop: SpanDrop
     keep_all: KeepAll
+    side_thread: SideThread
     error: str
     request_id: str
     guards: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, frame_id: _Optional[int] = ..., session_id: _Optional[str] = ..., policy: _Optional[str] = ..., seed: _Optional[int] = ..., latency_ms: _Optional[float] = ..., replica: _Optional[str] = ..., keep: _Optional[_Union[KeepSet, _Mapping]] = ..., merge: _Optional[_Union[MergePlan, _Mapping]] = ..., span_drop: _Optional[_Union[SpanDrop, _Mapping]] = ..., keep_all: _Optional[_Union[KeepAll, _Mapping]] = ..., error: _Optional[str] = ..., request_id: _Optional[str] = ..., guards: _Optional[_Iterable[str]] = ...) -> None: ...
+    def __init__(self, frame_id: _Optional[int] = ..., session_id: _Optional[str] = ..., policy: _Optional[str] = ..., seed: _Optional[int] = ..., latency_ms: _Optional[float] = ..., replica: _Optional[str] = ..., keep: _Optional[_Union[KeepSet, _Mapping]] = ..., merge: _Optional[_Union[MergePlan, _Mapping]] = ..., span_drop: _Optional[_Union[SpanDrop, _Mapping]] = ..., keep_all: _Optional[_Union[KeepAll, _Mapping]] = ..., side_thread: _Optional[_Union[SideThread, _Mapping]] = ..., error: _Optional[str] = ..., request_id: _Optional[str] = ..., guards: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class DescribeRequest(_message.Message):
     __slots__ = ("policy", "params")

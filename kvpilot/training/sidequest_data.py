@@ -1,0 +1,73 @@
+"""SideQuest training examples: side threads forked from the bundled tasks' multihop traces, labelled by each tool
+output's last use (kvpilot.tasks.multihop.last_uses).
+
+A side thread at boundary t runs after tool output #t (every `every` outputs, the policy's cadence). It sees the
+main context as the runtime forks it: `<bos>`, the prompt, the turns and outputs up to #t, minus the outputs that
+earlier side threads deleted (their positions stay as they were: a deletion removes KV slots, it does not
+renumber positions), then the trigger at the next position; it answers with the outputs it may delete: every
+output still there whose last use is at or before turn t. [INFERRED] The label is the episode's true last use,
+future returns included, which the side thread cannot always foresee from what it sees (a return's entity is
+named only when the walk gets there); the runtime counts a dropped output that was needed again (the agent
+re-issues the call).
+"""
+from __future__ import annotations
+
+import random
+
+from kvpilot.tasks.base import Episode
+from kvpilot.tasks.multihop import last_uses
+from policy_service.sidequest_grammar import TRIGGER, answer_words
+
+EVERY_CHOICES = (1, 2, 3, 4)  # cadences seen in training (the policy's `every`)
+
+
+def side_boundaries(episode: Episode, every: int) -> list[int]:
+    """Tool outputs after which a side thread runs: #every-1, #2*every-1, ... (not after the last output)."""
+    outputs = sum(1 for role, _ in episode.reference if role == "tool")
+    return [t for t in range(every - 1, outputs - 1, every)]
+
+
+def dropped_before(episode: Episode, every: int, boundary: int) -> tuple[set[int], list[int]]:
+    """(outputs deleted by the side threads before `boundary`, the answer at `boundary`), all answered as labelled."""
+    last = last_uses(episode)
+    gone: set[int] = set()
+    for t in side_boundaries(episode, every):
+        answer = [k for k in range(t + 1) if last[k] <= t and k not in gone]
+        if t == boundary:
+            return gone, answer
+        gone |= set(answer)
+    raise ValueError(f"no side thread after output #{boundary} at every={every}")
+
+
+def side_example(episode: Episode, every: int, boundary: int) -> tuple[list[str], list[bool], list[int]]:
+    """(words after <bos>, loss mask, positions with <bos> at 0) of the side thread after output #boundary."""
+    gone, answer = dropped_before(episode, every, boundary)
+    words, mask, positions = [], [], []
+    position = 1
+    pieces = [("user", episode.prompt)] + list(episode.reference)
+    tool = -1
+    for role, text in pieces:
+        piece = text.split()
+        if role == "tool":
+            tool += 1
+        if not (role == "tool" and tool in gone):
+            words += piece
+            positions += range(position, position + len(piece))
+        position += len(piece)
+        if role == "tool" and tool == boundary:
+            break
+    mask = [False] * len(words)
+    reply = [TRIGGER] + answer_words(answer)
+    words += reply
+    mask += [False] + [True] * (len(reply) - 1)
+    positions += range(position, position + len(reply))
+    return words, mask, positions
+
+
+def random_side_example(episode: Episode, rng: random.Random) -> tuple[list[str], list[bool], list[int]] | None:
+    """One side thread of the episode at a random cadence and boundary (None if the episode has none)."""
+    every = rng.choice(EVERY_CHOICES)
+    boundaries = side_boundaries(episode, every)
+    if not boundaries:
+        return None
+    return side_example(episode, every, rng.choice(boundaries))
