@@ -364,16 +364,17 @@ class Compressor:
 
 def tool_segments(seq) -> list[tuple[int, int, int]]:
     """The session's tool outputs in the cache as (start position, end position, id), the running turn's own
-    tool input included (a session records its segments when a turn ends). Segments are history ranges; frames
+    tool input included (a session records its segments when a turn ends), those a side thread dropped excluded. Segments are history ranges; frames
     speak logical positions (apart from history indices once input-only tokens were fed), and only the computed
     part of a segment has positions."""
     session = seq.session
     if session is None:
         return []
     where = seq.history_positions
-    ranges = [(s.start, s.end, s.index) for s in session.segments if s.kind == "tool"]
-    if seq.request.input_kind == SegmentKind.TOOL and all(start != seq.input_start for start, _, _ in ranges):
-        ranges.append((seq.input_start, seq.input_start + seq.usage.prompt_tokens, len(ranges)))
+    ranges = [(s.start, s.end, s.index) for s in session.segments if s.kind == "tool" and not s.dropped]
+    if seq.request.input_kind == SegmentKind.TOOL and all(s.start != seq.input_start for s in session.segments):
+        index = sum(1 for s in session.segments if s.kind == "tool")
+        ranges.append((seq.input_start, seq.input_start + seq.usage.prompt_tokens, index))
     return [(where[start], where[min(end, len(where)) - 1] + 1, index)
             for start, end, index in ranges if start < len(where)]
 

@@ -775,8 +775,10 @@ class Engine:
                 self._spawn_samples(seq, logits[row])
         self.metrics.decode_tokens.add(len(samplers))
         self.steps += 1
-        for seq, _ in batch:
+        for seq, n in batch:
             seq.usage.peak_kv_slots = max(seq.usage.peak_kv_slots, seq.kv.n)  # before compression: the true peak
+            if n == 1:
+                seq.usage.kv_reads += seq.kv.n  # this decode token attended every slot the sequence holds
             if seq.finish_reason is None:
                 self._run_hooks(seq)
         for seq, _ in batch:

@@ -221,6 +221,7 @@ class Usage:
     side_cut: int = 0  # side threads that ran out of tokens (their answers are void)
     dropped_tool_outputs: int = 0  # tool outputs dropped at this request's turn boundary
     side_ignored: int = 0  # ids an answer named that were ignored (unknown, protected, repeated, void answers)
+    kv_reads: int = 0  # KV slots attended, summed over decode steps (per layer and KV head): what decoding reads
 
 
 @dataclass

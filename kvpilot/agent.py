@@ -46,6 +46,7 @@ class EpisodeResult:
     side_cut: int = 0
     dropped_tool_outputs: int = 0
     side_ignored: int = 0
+    kv_reads: int = 0  # KV slots attended over all decode steps (per layer and KV head)
     reissued: int = 0  # tool calls answered again because their earlier output had been dropped (SideQuest)
     finish: str = ""
     evictions: list[EvictionEvent] = field(default_factory=list)
@@ -63,7 +64,7 @@ class EpisodeResult:
         self.evicted_tokens += usage.evicted_tokens
         self.compression_events += usage.compression_events
         self.fallbacks += usage.fallbacks
-        for name in ("side_threads", "side_tokens", "side_cut", "dropped_tool_outputs", "side_ignored"):
+        for name in ("side_threads", "side_tokens", "side_cut", "dropped_tool_outputs", "side_ignored", "kv_reads"):
             setattr(self, name, getattr(self, name) + getattr(usage, name, 0))
 
 

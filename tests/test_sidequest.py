@@ -228,3 +228,39 @@ def test_remote_and_in_process_side_threads_drop_the_same_outputs(make_engine):
     assert dropped(remote) == dropped(local) == [(0, True), (1, False)]
     assert sum(f.usage.side_threads for f in remote_finals) == sum(f.usage.side_threads for f in local_finals) == 2
     assert remote.get_session("s")[1] == local.get_session("s")[1]  # the same KV is left
+
+
+def test_side_threads_over_grpc_are_traced_and_counted(make_engine, spans):
+    """The side thread's span is a child of the turn's generate span, with its tokens and answer; the final
+    message's usage reports the side thread, and GetSession the dropped output."""
+    from decoder_service.server import BackgroundServer
+    from kvpilot.client import build_request, connect
+    from kvpilot_protocol.v1 import decoder_pb2 as pb
+
+    engine = make_engine()
+    engine.compressor.policy = InProcessPolicy({"sidequest": DropOutputZero})
+    params = {"every": "1", "max_side_tokens": "4"}
+    with BackgroundServer(engine) as decoder:
+        stub = connect(decoder.address)
+        first = list(stub.Generate(build_request(token_ids=list(range(20, 60)), max_new_tokens=8, temperature=0.0,
+                                                 policy="sidequest", params=params, new_session=True)))[-1].complete
+        second = list(stub.Generate(build_request(token_ids=TOOL, max_new_tokens=12, temperature=0.0, policy="sidequest",
+                                                  params=params, session_id=first.session_id, tool_output=True)))
+        info = stub.GetSession(pb.GetSessionRequest(session_id=first.session_id))
+    u = second[-1].complete.usage
+    assert u.side_threads == 1 and u.side_tokens == 4 and u.dropped_tool_outputs == 1 and u.evicted_tokens == len(TOOL)
+    assert u.kv_reads > 0
+    assert [s.dropped for s in info.segments if s.kind == "tool"] == [True]
+    evictions = [r.eviction for r in second if r.WhichOneof("event") == "eviction"]
+    assert len(evictions) == 1 and "side thread" in evictions[0].reason
+    generates = [s for s in spans.get_finished_spans() if s.name.startswith("text_completion")]
+    [side] = [s for s in spans.get_finished_spans() if s.name == "side_thread"]
+    assert side.parent.span_id == generates[-1].context.span_id
+    assert side.attributes["kvpilot.side.tokens"] == 4 and "kvpilot.side.answer" in side.attributes
+
+
+def test_kv_reads_sum_the_slots_every_decode_step_attends(make_engine):
+    [done] = make_engine().generate([GenerationRequest("r", list(range(20, 60)), SamplingParams(
+        temperature=0, max_new_tokens=10, ignore_eos=True))])
+    prompt = 41  # <bos> + 40
+    assert done.usage.kv_reads == sum(prompt + j for j in range(1, 10))  # tokens 2..10 were decode steps

@@ -1,0 +1,112 @@
+"""SideQuest at the same peak KV as the token-level policies: accuracy, peak KV, KV reads and side-thread overhead.
+
+For each panel (held-out episodes, seeds below the training range):
+  full              the reference: its accuracy and peak KV;
+  sidequest         the fine-tuned model deletes obsolete tool outputs in side threads (no budget);
+  baselines         h2o / snapkv / rkv / streaming_llm with a budget that gives the same mean peak as sidequest
+                    (peak = budget + interval: they compress when the cache reaches it);
+  sidequest + rkv   the hybrid: side-thread deletions and R-KV under that same budget.
+Panels: the long multihop variant (in distribution), the same with 10 documents per tool output instead of 7 (out of
+distribution: the side-thread training never saw it), and today's multihop (the default difficulty).
+
+    python benchmarks/sidequest_peak.py [--model reasoner-v2-sidequest] [--episodes 10] [--panels long,long-docs10,default]
+
+Writes benchmarks/results/sidequest_peak_<device>.csv (one row per panel and policy) and prints the table.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import RESULTS, add_device_arguments, apply_device_arguments, print_table, write_csv  # noqa: E402
+from decoder_service.checkpoint import load_checkpoint  # noqa: E402
+from decoder_service.engine import Engine, EngineConfig  # noqa: E402
+from decoder_service.requests import CompressionConfig  # noqa: E402
+from kvpilot.agent import EpisodeRunner  # noqa: E402
+from kvpilot.models import resolve_model  # noqa: E402
+from kvpilot.tasks import make_episode  # noqa: E402
+from policy_service.local import InProcessPolicy  # noqa: E402
+
+PANELS = {  # name -> (difficulty, task knobs)
+    "long": ("long", {}),
+    "long-docs10": ("long", {"docs": 10}),
+    "default": ("default", {}),
+}
+BASELINES = ("h2o", "snapkv", "rkv", "streaming_llm")
+
+
+def run_cell(loaded, episodes, compression: CompressionConfig, args) -> dict:
+    engine = Engine(loaded, EngineConfig(max_running=args.batch, max_batch_tokens=2048, prefill_chunk=512,
+                                         kv_pool_bytes=512 << 20), policy=InProcessPolicy())
+    start = time.perf_counter()
+    results = EpisodeRunner(engine, compression=compression).run(episodes)
+    seconds = time.perf_counter() - start
+    n = len(results)
+    mean = lambda name: sum(getattr(r, name) for r in results) / n  # noqa: E731
+    return dict(accuracy=sum(r.correct for r in results) / n, peak_kv=mean("peak_kv_slots"),
+                kv_reads=mean("kv_reads"), sequence=mean("total_tokens"), generated=mean("generated_tokens"),
+                side_threads=mean("side_threads"), side_tokens=mean("side_tokens"), side_cut=mean("side_cut"),
+                dropped_outputs=mean("dropped_tool_outputs"), side_ignored=mean("side_ignored"),
+                reissued=mean("reissued"), evicted=mean("evicted_tokens"), seconds=seconds,
+                tokens_per_s=sum(r.generated_tokens + r.side_tokens for r in results) / seconds)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="reasoner-v2-sidequest")
+    p.add_argument("--episodes", type=int, default=10, help="held-out episodes per panel (seeds 0..N-1)")
+    p.add_argument("--panels", default=",".join(PANELS))
+    p.add_argument("--every", type=int, default=2, help="sidequest: tool outputs between side threads")
+    p.add_argument("--interval", type=int, default=16)
+    p.add_argument("--window", type=int, default=16)
+    p.add_argument("--batch", type=int, default=8, help="episodes in flight (continuous batching)")
+    p.add_argument("--out", type=Path, default=None, help="CSV path (default benchmarks/results/sidequest_peak_<device>.csv)")
+    add_device_arguments(p)
+    args = p.parse_args(argv)
+    dtype, device_name = apply_device_arguments(args)
+    path = resolve_model(args.model)
+    loaded = load_checkpoint(path, device=args.device, dtype=dtype)
+    rows = []
+    for panel in args.panels.split(","):
+        difficulty, knobs = PANELS[panel]
+        episodes = [make_episode("multihop", seed, difficulty, **knobs) for seed in range(args.episodes)]
+        side = {"every": str(args.every)}
+        cells = [("full", CompressionConfig()), ("sidequest", CompressionConfig(policy="sidequest", params=side))]
+        measured = {}
+        for name, compression in cells:
+            measured[name] = run_cell(loaded, episodes, compression, args)
+            print(f"{panel} {name}: {measured[name]['accuracy']:.2f}, peak {measured[name]['peak_kv']:.0f}", flush=True)
+        # The same mean peak as sidequest: a budget policy peaks at budget + interval.
+        budget = max(args.window + 4 + 1, round(measured["sidequest"]["peak_kv"]) - args.interval)
+        bounded = dict(budget=budget, interval=args.interval, window=args.window, sinks=4)
+        cells = [(b, CompressionConfig(policy=b, **bounded)) for b in BASELINES]
+        cells.append(("sidequest+rkv", CompressionConfig(policy="sidequest", params={**side, "base": "rkv"}, **bounded)))
+        for name, compression in cells:
+            measured[name] = run_cell(loaded, episodes, compression, args)
+            print(f"{panel} {name}: {measured[name]['accuracy']:.2f}, peak {measured[name]['peak_kv']:.0f}", flush=True)
+        full = measured["full"]
+        for name, m in measured.items():
+            rows.append(dict(panel=panel, policy=name, budget=0 if name in ("full", "sidequest") else budget,
+                             episodes=len(episodes), **m, peak_vs_full=m["peak_kv"] / full["peak_kv"],
+                             reads_vs_full=m["kv_reads"] / full["kv_reads"],
+                             accuracy_drop_points=100 * (full["accuracy"] - m["accuracy"]),
+                             model=path.name, device=device_name))
+    out = args.out or RESULTS / f"sidequest_peak_{'cpu' if args.device == 'cpu' else 'gpu'}.csv"
+    write_csv(out, rows)
+    print_table([{k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in r.items()} for r in rows],
+                ["panel", "policy", "budget", "accuracy", "peak_kv", "peak_vs_full", "reads_vs_full", "side_tokens",
+                 "dropped_outputs", "reissued", "tokens_per_s"])
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
