@@ -6,10 +6,11 @@ For each panel (held-out episodes, seeds below the training range):
   baselines         h2o / snapkv / rkv / streaming_llm with a budget that gives the same mean peak as sidequest
                     (peak = budget + interval: they compress when the cache reaches it);
   sidequest + rkv   the hybrid: side-thread deletions and R-KV under that same budget.
-Panels: the long multihop variant (in distribution), the same with 10 documents per tool output instead of 7 (out of
-distribution: the side-thread training never saw it), and today's multihop (the default difficulty).
+Panels: the long multihop variant (the agentic workload), today's multihop at the hard difficulty (in distribution),
+the same with 16 documents per tool output instead of 12 (out of distribution: the side-thread training never saw
+it), and the default difficulty (4 hops: too short for deletions to lower the peak).
 
-    python benchmarks/sidequest_peak.py [--model reasoner-v2-sidequest] [--episodes 10] [--panels long,long-docs10,default]
+    python benchmarks/sidequest_peak.py [--model reasoner-v2-sidequest] [--episodes 10] [--panels long,hard,hard-docs16]
 
 Writes benchmarks/results/sidequest_peak_<device>.csv (one row per panel and policy) and prints the table.
 """
@@ -36,16 +37,17 @@ from kvpilot.tasks import make_episode  # noqa: E402
 from policy_service.local import InProcessPolicy  # noqa: E402
 
 PANELS = {  # name -> (difficulty, task knobs)
-    "long": ("long", {}),
-    "long-docs10": ("long", {"docs": 10}),
+    "long": ("long", {}),  # the agentic variant: 16-24 hops, documents needed again later
+    "hard": ("hard", {}),  # today's multihop at its hardest: 8 hops, 12 documents per output
+    "hard-docs16": ("hard", {"docs": 16}),  # out of distribution: a document count the training never saw
     "default": ("default", {}),
 }
 BASELINES = ("h2o", "snapkv", "rkv", "streaming_llm")
 
 
-def run_cell(loaded, episodes, compression: CompressionConfig, args) -> dict:
+def run_cell(loaded, episodes, compression: CompressionConfig, args, pool_mb: float = 512) -> dict:
     engine = Engine(loaded, EngineConfig(max_running=args.batch, max_batch_tokens=2048, prefill_chunk=512,
-                                         kv_pool_bytes=512 << 20), policy=InProcessPolicy())
+                                         kv_pool_bytes=int(pool_mb * 2**20)), policy=InProcessPolicy())
     start = time.perf_counter()
     results = EpisodeRunner(engine, compression=compression).run(episodes)
     seconds = time.perf_counter() - start
@@ -63,11 +65,14 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="reasoner-v2-sidequest")
     p.add_argument("--episodes", type=int, default=10, help="held-out episodes per panel (seeds 0..N-1)")
-    p.add_argument("--panels", default=",".join(PANELS))
+    p.add_argument("--panels", default="long,hard,hard-docs16")
     p.add_argument("--every", type=int, default=2, help="sidequest: tool outputs between side threads")
     p.add_argument("--interval", type=int, default=16)
     p.add_argument("--window", type=int, default=16)
     p.add_argument("--batch", type=int, default=8, help="episodes in flight (continuous batching)")
+    p.add_argument("--pressure-mb", type=float, default=None,
+                   help="also run full, sidequest, rkv and the hybrid with a KV pool of this many MiB (memory-pressure "
+                        "throughput: each turn reserves what its session holds now, so deletions admit more episodes)")
     p.add_argument("--out", type=Path, default=None, help="CSV path (default benchmarks/results/sidequest_peak_<device>.csv)")
     add_device_arguments(p)
     args = p.parse_args(argv)
@@ -92,9 +97,17 @@ def main(argv=None) -> int:
         for name, compression in cells:
             measured[name] = run_cell(loaded, episodes, compression, args)
             print(f"{panel} {name}: {measured[name]['accuracy']:.2f}, peak {measured[name]['peak_kv']:.0f}", flush=True)
+        if args.pressure_mb:
+            for name in ("full", "sidequest", "rkv", "sidequest+rkv"):
+                compression = CompressionConfig(policy=name.split("+")[0], params=side if "sidequest" in name else {},
+                                                **({} if name in ("full", "sidequest") else bounded))
+                if name == "sidequest+rkv":
+                    compression.params = {**side, "base": "rkv"}
+                measured[f"{name}@{args.pressure_mb:g}MiB"] = run_cell(loaded, episodes, compression, args,
+                                                                     pool_mb=args.pressure_mb)
         full = measured["full"]
         for name, m in measured.items():
-            rows.append(dict(panel=panel, policy=name, budget=0 if name in ("full", "sidequest") else budget,
+            rows.append(dict(panel=panel, policy=name, budget=0 if name.split("@")[0] in ("full", "sidequest") else budget,
                              episodes=len(episodes), **m, peak_vs_full=m["peak_kv"] / full["peak_kv"],
                              reads_vs_full=m["kv_reads"] / full["kv_reads"],
                              accuracy_drop_points=100 * (full["accuracy"] - m["accuracy"]),

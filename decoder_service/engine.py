@@ -565,8 +565,9 @@ class Engine:
         waited `max_bypass_s` (then it is next: nothing else is admitted until it fits)."""
         now = time.monotonic()
         for seq in list(self.waiting):
-            if len(self.running) >= self.config.max_running:
-                return
+            # A fork (a side thread) must start while its parent runs: max_running does not hold it back (memory does).
+            if len(self.running) >= self.config.max_running and seq.fork_parent is None:
+                continue
             try:
                 admitted = self._reserve(seq)
             except Exception as exc:  # a failed allocation ends this request; it is never retried forever

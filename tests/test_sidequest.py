@@ -264,3 +264,12 @@ def test_kv_reads_sum_the_slots_every_decode_step_attends(make_engine):
         temperature=0, max_new_tokens=10, ignore_eos=True))])
     prompt = 41  # <bos> + 40
     assert done.usage.kv_reads == sum(prompt + j for j in range(1, 10))  # tokens 2..10 were decode steps
+
+
+def test_a_side_thread_starts_even_when_the_batch_is_full(make_engine):
+    """A fork must read its parent while the parent runs: max_running does not queue it behind the parent."""
+    engine = make_engine(max_running=1)
+    engine.compressor.policy = InProcessPolicy({"sidequest": DropOutputZero})
+    finals, _ = session_turns(engine, CompressionConfig(policy="sidequest", params={"every": "1", "max_side_tokens": "4"}),
+                              turns=2)
+    assert finals[1].usage.side_threads == 1 and finals[1].usage.side_tokens == 4  # it ran (cut at 4: a random model)
