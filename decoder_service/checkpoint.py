@@ -29,6 +29,8 @@ class LoadedModel:
     path: Path
     name: str
     calibration: TrigCalibration | None = None  # TriAttention's query centres, on the model's device
+    # Breadcrumbs: the beacon token of a beacon-trained checkpoint (breadcrumbs.json beside it); None otherwise.
+    beacon_token_id: int | None = None
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
@@ -64,7 +66,23 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype:
     tokenizer = TextTokenizer.from_file(path / "tokenizer.json", eos_token_ids=config.eos_token_ids, bos_token_id=config.bos_token_id)
     calibrated = load_calibration(path, config) if calibration else None  # a stale file is an error
     return LoadedModel(model=model, tokenizer=tokenizer, config=config, path=path, name=path.name,
-                       calibration=None if calibrated is None else calibrated.to(device))
+                       calibration=None if calibrated is None else calibrated.to(device),
+                       beacon_token_id=beacon_token(path, tokenizer))
+
+
+BREADCRUMBS_FILE = "breadcrumbs.json"
+
+
+def beacon_token(path: Path, tokenizer: TextTokenizer) -> int | None:
+    """The beacon token id a beacon-trained checkpoint names in breadcrumbs.json (`{"beacon": "<reserved_1>", ...}`)."""
+    file = path / BREADCRUMBS_FILE
+    if not file.is_file():
+        return None
+    beacon = json.loads(file.read_text())["beacon"]
+    token = tokenizer.token_to_id(beacon)
+    if token is None:
+        raise ValueError(f"{file} names the beacon {beacon!r}, which {path / 'tokenizer.json'} does not have")
+    return token
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:

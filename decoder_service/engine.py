@@ -69,6 +69,7 @@ from decoder_service.sampling import (NON_FINITE, SamplingError, apply_penalties
                                       sample_token, token_logprob)
 from decoder_service.sessions import InMemorySessionStore, Session
 from decoder_service.side_threads import SideThreads
+from decoder_service.beacons import Beacons
 from decoder_service.statistics import SequenceStatistics, feature_weights, statistics_bytes
 from kvpilot_protocol.telemetry import DecoderMetrics
 from kvpilot_protocol.policy import FULL, PolicyDescription, PolicyRejected, PolicyUnavailable, StatsSpec
@@ -221,7 +222,8 @@ class Engine:
         self.metrics = DecoderMetrics(self.pool)
         self.compressor = Compressor(policy=policy, fallback=fallback, metrics=self.metrics)
         self.side_threads = SideThreads()  # SideQuest: forks that name tool outputs to drop (side_threads.py)
-        self.step_hooks: list[StepHook] = [self.compressor, self.side_threads]
+        self.beacons = Beacons()  # Breadcrumbs: a beacon folds every c generated tokens (beacons.py)
+        self.step_hooks: list[StepHook] = [self.compressor, self.side_threads, self.beacons]
         self.steps = 0
         self.stats_capacity_bytes = self.config.stats_memory_bytes or max(1 << 20, self.pool.capacity_bytes // 4)
         self.stats_reserved_bytes = 0  # running sequences' statistics + parked sessions' (parked_stats_bytes)
@@ -431,6 +433,10 @@ class Engine:
                                  "and restart the decoder")
         if "kv_features" in description.spec.names:
             self._validate_feature_weights(c.policy, description.spec)
+        if description.spec.beacon_interval and self.loaded.beacon_token_id is None:
+            raise InvalidRequest(f"policy {c.policy!r} needs a beacon-trained checkpoint (breadcrumbs.json beside it "
+                                 f"naming its beacon token); {self.loaded.path} is not one: train one with "
+                                 "`kvpilot train-model --breadcrumbs C` or pick another policy")
         self._validate_evaluation_fields(request, description)
         return description
 
@@ -916,6 +922,7 @@ class Engine:
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.compressor.release(seq, reason=f"request ended ({seq.finish_reason.value})")
+        self.beacons.release(seq)
         try:
             self.side_threads.turn_ended(self, seq)  # a turn boundary: its side threads' drops apply now
         except Exception:
@@ -1113,7 +1120,9 @@ def validate_compression(c: CompressionConfig, context: int | None, describe) ->
     if context is not None and queries > context:
         raise InvalidRequest(f"policy {c.policy!r}: window_queries {queries} exceeds the model's context of "
                              f"{context} (no more queries can ever be observed)")
-    if c.policy != "full" and c.budget == 0 and "side_thread" not in description.spec.names:
+    # Span and beacon policies evict on their own schedule: a budget is optional for them.
+    if c.policy != "full" and c.budget == 0 and not ("side_thread" in description.spec.names
+                                                     or description.spec.beacon_interval):
         raise InvalidRequest(f"policy {c.policy!r} needs a budget (KV slots to keep) > 0")
     if c.budget and c.budget <= c.protected:
         raise InvalidRequest(

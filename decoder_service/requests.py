@@ -222,6 +222,7 @@ class Usage:
     dropped_tool_outputs: int = 0  # tool outputs dropped at this request's turn boundary
     side_ignored: int = 0  # ids an answer named that were ignored (unknown, protected, repeated, void answers)
     kv_reads: int = 0  # KV slots attended, summed over decode steps (per layer and KV head): what decoding reads
+    beacons: int = 0  # Breadcrumbs: beacons fed, each replacing a window of generated tokens
 
 
 @dataclass

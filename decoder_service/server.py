@@ -514,7 +514,8 @@ def _to_response(request_id: str, event, warnings: list[str] = ()) -> pb.Generat
             fallbacks=u.fallbacks, dropped_decisions=u.dropped_decisions, seed=u.seed,
             time_to_first_token_ms=u.time_to_first_token_s * 1e3, duration_ms=u.duration_s * 1e3,
             side_threads=u.side_threads, side_tokens=u.side_tokens, side_cut=u.side_cut,
-            dropped_tool_outputs=u.dropped_tool_outputs, side_ignored=u.side_ignored, kv_reads=u.kv_reads),
+            dropped_tool_outputs=u.dropped_tool_outputs, side_ignored=u.side_ignored, kv_reads=u.kv_reads,
+            beacons=u.beacons),
     )
     if isinstance(event.matched_stop, str):
         complete.stop_string = event.matched_stop

@@ -30,6 +30,9 @@ class StatsSpec:
     # (kvpilot_protocol.features encodes it); model_fingerprint: sha256 of the weights it was trained on.
     feature_weights: bytes = b""
     model_fingerprint: str = ""
+    # Breadcrumbs: after every `beacon_interval` generated tokens the decoder feeds the checkpoint's beacon token
+    # (input only) and evicts those tokens once the beacon has read them (decoder_service/beacons.py); 0 = none.
+    beacon_interval: int = 0
 
 
 class ParameterError(ValueError):

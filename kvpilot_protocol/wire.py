@@ -114,13 +114,14 @@ def description_to_pb(d: PolicyDescription) -> pb.PolicyDescription:
     return pb.PolicyDescription(
         policy=d.policy, summary=d.summary, statistics=sorted(d.spec.names), window_queries=d.spec.window_queries,
         decay=d.spec.decay, projection_rank=d.spec.projection_rank, feature_weights=d.spec.feature_weights,
-        model_fingerprint=d.spec.model_fingerprint,
+        model_fingerprint=d.spec.model_fingerprint, beacon_interval=d.spec.beacon_interval,
         parameters=[pb.Parameter(name=n, type=t, default=v) for n, t, v in d.parameters])
 
 
 def description_from_pb(m: pb.PolicyDescription) -> PolicyDescription:
     spec = StatsSpec(frozenset(m.statistics), window_queries=m.window_queries, decay=m.decay,
                      projection_rank=m.projection_rank or StatsSpec(frozenset()).projection_rank,
-                     feature_weights=m.feature_weights, model_fingerprint=m.model_fingerprint)
+                     feature_weights=m.feature_weights, model_fingerprint=m.model_fingerprint,
+                     beacon_interval=m.beacon_interval)
     return PolicyDescription(policy=m.policy, summary=m.summary, spec=spec,
                              parameters=tuple((p.name, p.type, p.default) for p in m.parameters))

@@ -5,6 +5,7 @@ import dataclasses
 
 from kvpilot_protocol.policy import PolicyDescription
 from policy_service.scorers.base import Scorer
+from policy_service.scorers.breadcrumbs import Breadcrumbs
 from policy_service.scorers.cask import CASK
 from policy_service.scorers.foresight import Foresight
 from policy_service.scorers.full import Full
@@ -21,7 +22,7 @@ from policy_service.scorers.triattention import TriAttention
 from policy_service.scorers.vase import VaSE
 
 POLICIES: dict[str, type[Scorer]] = {cls.name: cls for cls in (Full, Random, StreamingLLM, H2O, TOVA, SnapKV, Knorm, RKV, VaSE, CASK,
-                                                             TriAttention, Foresight, Golden, SideQuest)}
+                                                             TriAttention, Foresight, Golden, SideQuest, Breadcrumbs)}
 
 
 def available_policies() -> list[str]:

@@ -234,3 +234,22 @@ def parse_plain(*argv):
     parser = argparse.ArgumentParser()
     train_model.add_arguments(parser)
     return parser.parse_args(list(argv))
+
+
+def test_breadcrumbs_batches_carry_beacons_and_their_block_mask():
+    from kvpilot.training.breadcrumbs import BEACON
+
+    vocab = token_ids()
+    args = parse("--steps", "100", "--tasks", "variables,graph", "--breadcrumbs", "4,8", "--drill-warmup", "0",
+                 "--drill-share", "0")
+    inputs, targets, mask, positions, attend = train_model.make_batch(args, 3, vocab)
+    beacon = vocab[BEACON]
+    assert (inputs == beacon).any() and not (targets[mask] == beacon).any()  # fed, never a target
+    assert attend.shape == (*inputs.shape, inputs.shape[1]) and attend.diagonal(dim1=1, dim2=2).all()
+    row = int((inputs == beacon).any(1).nonzero()[0])
+    where = (inputs[row] == beacon).nonzero().flatten().tolist()
+    first, second = where[0], where[1] if len(where) > 1 else None
+    after = first + 1  # the first token after the first beacon sees that beacon, not the window it folded
+    assert attend[row, after, first] and not attend[row, after, first - 1]
+    if second is not None:
+        assert attend[row, second, first] and attend[row, second, second - 1]

@@ -43,7 +43,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from decoder_service.checkpoint import load_checkpoint, save_checkpoint
-from decoder_service.model import ModelConfig, Transformer
+from decoder_service.model import ModelConfig, Transformer, causal_attention
 from decoder_service.tokenizer import TextTokenizer
 from kvpilot.tasks import TASKS, make_episode
 from kvpilot.tasks.vocab import (BOS, COLORS, ENTITIES, EOS, LABELS, NODES, NUMBERS, PAD, VARIABLES, VOCAB,
@@ -123,6 +123,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="share of sequences that are SideQuest side threads (multihop traces forked at a tool "
                              "output, answered with the outputs whose last use is past; kvpilot.training."
                              "sidequest_data); the rest is the usual mix, which keeps the main task as it was")
+    parser.add_argument("--breadcrumbs", default=None, metavar="C[,C...]",
+                        help="train a Breadcrumbs student: a beacon after every C model-written tokens with the block "
+                             "attention mask (kvpilot/training/breadcrumbs.py); several values: one C drawn per "
+                             "sequence (the variable-c student); single-pass tasks (--tasks variables,graph)")
     parser.add_argument("--curriculum", choices=sorted(CURRICULA), default=None,
                         help="difficulty schedule: v1 (easy/default/hard) or v2 (adds the long variants)")
     parser.add_argument("--curriculum-scale", type=float, default=1.0,
@@ -243,6 +247,7 @@ def make_batch(args, step: int, vocab: dict[str, int]) -> tuple[torch.Tensor, to
         task_weights = [1.5 if task == "multihop" else 1.0 for task in tasks]
 
     sidequest_share = getattr(args, "sidequest_share", 0.0)
+    beacon_cs = [int(c) for c in args.breadcrumbs.split(",")] if getattr(args, "breadcrumbs", None) else []
     sequences = []
     longest = 0
     while True:
@@ -264,20 +269,39 @@ def make_batch(args, step: int, vocab: dict[str, int]) -> tuple[torch.Tensor, to
         longest_if_added = max(longest, len(words) + 1)
         if sequences and longest_if_added * (len(sequences) + 1) > args.batch_tokens:
             break
+        beacons = None
+        if beacon_cs:
+            from kvpilot.training.breadcrumbs import BEACON, insert_beacons
+
+            prompt = next((i for i, m in enumerate(mask) if m), len(mask))  # the leading unscored words
+            ids, beacons = insert_beacons(words, prompt, rng.choice(beacon_cs), BEACON)
+            scored = iter(mask[prompt:])
+            mask = mask[:prompt] + [False if b else next(scored) for b in beacons[prompt:]]  # a beacon is no target
+            words, beacons = ids, [False] + beacons
+            longest_if_added = max(longest, len(words) + 1)
+            if sequences and longest_if_added * (len(sequences) + 1) > args.batch_tokens:
+                break
         positions = [0] + (list(positions) if positions is not None else list(range(1, len(words) + 1)))
-        sequences.append(([vocab[BOS]] + [vocab[w] for w in words], [False] + mask, positions))
+        sequences.append(([vocab[BOS]] + [vocab[w] for w in words], [False] + mask, positions, beacons))
         longest = longest_if_added
 
     pad = vocab[PAD]
     ids = torch.full((len(sequences), longest), pad, dtype=torch.long)
     loss_mask = torch.zeros((len(sequences), longest), dtype=torch.bool)
     pos = torch.arange(longest).repeat(len(sequences), 1)  # padding continues the count (it is masked anyway)
-    for row, (seq, mask, where) in enumerate(sequences):
+    attend = torch.eye(longest, dtype=torch.bool).repeat(len(sequences), 1, 1) if beacon_cs else None
+    for row, (seq, mask, where, beacons) in enumerate(sequences):
         ids[row, : len(seq)] = torch.tensor(seq)
         loss_mask[row, : len(mask)] = torch.tensor(mask)
         pos[row, : len(where)] = torch.tensor(where)
+        if attend is not None:
+            from kvpilot.training.breadcrumbs import block_mask
+
+            prompt = next((i for i, m in enumerate(mask) if m), len(mask))
+            attend[row, : len(seq), : len(seq)] = block_mask(beacons, prompt)  # padding attends to itself only
     # Predict token t from tokens < t: the mask belongs to the target position.
-    return ids[:, :-1], ids[:, 1:], loss_mask[:, 1:], pos[:, :-1]
+    batch = ids[:, :-1], ids[:, 1:], loss_mask[:, 1:], pos[:, :-1]
+    return batch if attend is None else (*batch, attend[:, :-1, :-1])
 
 
 # --------------------------------------------------------------------------------------------- model
@@ -382,14 +406,20 @@ def train_step(model, optimizer, batch, args, world: int, freeze_lookback: bool 
     is known locally: dividing the summed loss by it and summing gradients across ranks gives exactly the
     full-batch gradient, whatever the split.
     """
-    inputs, targets, mask, positions = batch
+    inputs, targets, mask, positions = batch[:4]
+    attend = batch[4] if len(batch) > 4 else None  # Breadcrumbs' block mask [B, T, T]
     total = mask.sum()
     rank = dist.get_rank() if world > 1 else 0
     inputs, targets, mask, positions = inputs[rank::world], targets[rank::world], mask[rank::world], positions[rank::world]
     width = int(mask.any(0).nonzero().max()) + 1 if mask.any() else 1  # drop this shard's trailing padding
     inputs, targets, mask, positions = inputs[:, :width], targets[:, :width], mask[:, :width], positions[:, :width]
+    attention = causal_attention
+    if attend is not None:
+        from kvpilot.training.breadcrumbs import masked_attention
+
+        attention = masked_attention(attend[rank::world, :width, :width])
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-        logits = model(inputs, positions)
+        logits = model(inputs, positions, attention)
     loss_sum = F.cross_entropy(logits[mask], targets[mask], reduction="sum")
     optimizer.zero_grad(set_to_none=True)
     (loss_sum / total).backward()
@@ -512,6 +542,12 @@ def worker(rank: int, args, port: int | None) -> int:
     state_path = out / STATE_FILE
     if args.init_from is not None and not (args.resume and state_path.is_file()):
         step = init_from_checkpoint(model, args.init_from, args.start_step)
+        if args.breadcrumbs:  # the beacon starts as the mean embedding: a neutral point, no particular word
+            from kvpilot.training.breadcrumbs import BEACON
+
+            with torch.no_grad():
+                table = model.model.embed_tokens.weight
+                table[vocab[BEACON]] = table.mean(0)
         if lead:
             print(f"initialised from {args.init_from} at step {step} (fresh optimizer moments)", file=sys.stderr)
     if args.resume and state_path.is_file():
@@ -635,11 +671,15 @@ def finish(model, tokenizer, tokenizer_path: Path, tasks: list[str], args, step:
     if dist.is_initialized() and dist.get_rank() != 0:
         return summary
     model_dir = args.out / "model"
-    save_checkpoint(model, tokenizer_path, model_dir)
-    (model_dir / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
-    if args.export is not None:
-        save_checkpoint(model, tokenizer_path, args.export)
-        (args.export / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
+    for directory in [model_dir] + ([args.export] if args.export is not None else []):
+        save_checkpoint(model, tokenizer_path, directory)
+        (directory / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if args.breadcrumbs:  # what makes the decoder accept policy breadcrumbs for this checkpoint
+            from decoder_service.checkpoint import BREADCRUMBS_FILE
+            from kvpilot.training.breadcrumbs import BEACON
+
+            (directory / BREADCRUMBS_FILE).write_text(json.dumps(
+                {"beacon": BEACON, "trained_c": [int(c) for c in args.breadcrumbs.split(",")]}, indent=2) + "\n")
     return summary
 
 

@@ -199,7 +199,7 @@ class EvictionEvent(_message.Message):
     def __init__(self, step: _Optional[int] = ..., frame_id: _Optional[int] = ..., policy: _Optional[str] = ..., slots_before: _Optional[int] = ..., slots_after: _Optional[int] = ..., evicted: _Optional[int] = ..., merged: _Optional[int] = ..., policy_latency_ms: _Optional[float] = ..., staleness_steps: _Optional[int] = ..., fallback: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class Usage(_message.Message):
-    __slots__ = ("prompt_tokens", "cached_tokens", "generated_tokens", "peak_kv_slots", "peak_kv_bytes", "reserved_kv_bytes", "evicted_tokens", "merged_tokens", "compression_events", "fallbacks", "dropped_decisions", "seed", "time_to_first_token_ms", "duration_ms", "side_threads", "side_tokens", "side_cut", "dropped_tool_outputs", "side_ignored", "kv_reads")
+    __slots__ = ("prompt_tokens", "cached_tokens", "generated_tokens", "peak_kv_slots", "peak_kv_bytes", "reserved_kv_bytes", "evicted_tokens", "merged_tokens", "compression_events", "fallbacks", "dropped_decisions", "seed", "time_to_first_token_ms", "duration_ms", "side_threads", "side_tokens", "side_cut", "dropped_tool_outputs", "side_ignored", "kv_reads", "beacons")
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     GENERATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -220,6 +220,7 @@ class Usage(_message.Message):
     DROPPED_TOOL_OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     SIDE_IGNORED_FIELD_NUMBER: _ClassVar[int]
     KV_READS_FIELD_NUMBER: _ClassVar[int]
+    BEACONS_FIELD_NUMBER: _ClassVar[int]
     prompt_tokens: int
     cached_tokens: int
     generated_tokens: int
@@ -240,7 +241,8 @@ class Usage(_message.Message):
     dropped_tool_outputs: int
     side_ignored: int
     kv_reads: int
-    def __init__(self, prompt_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., peak_kv_slots: _Optional[int] = ..., peak_kv_bytes: _Optional[int] = ..., reserved_kv_bytes: _Optional[int] = ..., evicted_tokens: _Optional[int] = ..., merged_tokens: _Optional[int] = ..., compression_events: _Optional[int] = ..., fallbacks: _Optional[int] = ..., dropped_decisions: _Optional[int] = ..., seed: _Optional[int] = ..., time_to_first_token_ms: _Optional[float] = ..., duration_ms: _Optional[float] = ..., side_threads: _Optional[int] = ..., side_tokens: _Optional[int] = ..., side_cut: _Optional[int] = ..., dropped_tool_outputs: _Optional[int] = ..., side_ignored: _Optional[int] = ..., kv_reads: _Optional[int] = ...) -> None: ...
+    beacons: int
+    def __init__(self, prompt_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., peak_kv_slots: _Optional[int] = ..., peak_kv_bytes: _Optional[int] = ..., reserved_kv_bytes: _Optional[int] = ..., evicted_tokens: _Optional[int] = ..., merged_tokens: _Optional[int] = ..., compression_events: _Optional[int] = ..., fallbacks: _Optional[int] = ..., dropped_decisions: _Optional[int] = ..., seed: _Optional[int] = ..., time_to_first_token_ms: _Optional[float] = ..., duration_ms: _Optional[float] = ..., side_threads: _Optional[int] = ..., side_tokens: _Optional[int] = ..., side_cut: _Optional[int] = ..., dropped_tool_outputs: _Optional[int] = ..., side_ignored: _Optional[int] = ..., kv_reads: _Optional[int] = ..., beacons: _Optional[int] = ...) -> None: ...
 
 class GenerationComplete(_message.Message):
     __slots__ = ("finish_reason", "usage", "text", "stop_string", "stop_token_id", "session_id", "warnings")

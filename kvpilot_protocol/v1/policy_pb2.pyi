@@ -199,7 +199,7 @@ class Parameter(_message.Message):
     def __init__(self, name: _Optional[str] = ..., type: _Optional[str] = ..., default: _Optional[str] = ...) -> None: ...
 
 class PolicyDescription(_message.Message):
-    __slots__ = ("policy", "summary", "statistics", "window_queries", "decay", "parameters", "projection_rank", "feature_weights", "model_fingerprint")
+    __slots__ = ("policy", "summary", "statistics", "window_queries", "decay", "parameters", "projection_rank", "feature_weights", "model_fingerprint", "beacon_interval")
     POLICY_FIELD_NUMBER: _ClassVar[int]
     SUMMARY_FIELD_NUMBER: _ClassVar[int]
     STATISTICS_FIELD_NUMBER: _ClassVar[int]
@@ -209,6 +209,7 @@ class PolicyDescription(_message.Message):
     PROJECTION_RANK_FIELD_NUMBER: _ClassVar[int]
     FEATURE_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    BEACON_INTERVAL_FIELD_NUMBER: _ClassVar[int]
     policy: str
     summary: str
     statistics: _containers.RepeatedScalarFieldContainer[str]
@@ -218,7 +219,8 @@ class PolicyDescription(_message.Message):
     projection_rank: int
     feature_weights: bytes
     model_fingerprint: str
-    def __init__(self, policy: _Optional[str] = ..., summary: _Optional[str] = ..., statistics: _Optional[_Iterable[str]] = ..., window_queries: _Optional[int] = ..., decay: _Optional[float] = ..., parameters: _Optional[_Iterable[_Union[Parameter, _Mapping]]] = ..., projection_rank: _Optional[int] = ..., feature_weights: _Optional[bytes] = ..., model_fingerprint: _Optional[str] = ...) -> None: ...
+    beacon_interval: int
+    def __init__(self, policy: _Optional[str] = ..., summary: _Optional[str] = ..., statistics: _Optional[_Iterable[str]] = ..., window_queries: _Optional[int] = ..., decay: _Optional[float] = ..., parameters: _Optional[_Iterable[_Union[Parameter, _Mapping]]] = ..., projection_rank: _Optional[int] = ..., feature_weights: _Optional[bytes] = ..., model_fingerprint: _Optional[str] = ..., beacon_interval: _Optional[int] = ...) -> None: ...
 
 class DescribeResponse(_message.Message):
     __slots__ = ("policies",)

@@ -1,0 +1,79 @@
+"""Breadcrumbs: beacons and the block mask, and the correctness test that the runtime is the model's training world:
+the engine's incremental decode with beacons (feed the beacon after every c generated tokens, evict the window)
+gives the same logits as one forward over the same sequence with the training block mask."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from decoder_service.engine import Engine, EngineConfig
+from decoder_service.requests import CompressionConfig, EvictionEvent, GenerationRequest, InvalidRequest, SamplingParams
+from kvpilot.training.breadcrumbs import block_mask, insert_beacons, masked_attention
+from kvpilot_protocol.policy import PolicyRejected
+from policy_service.local import InProcessPolicy
+
+BEACON = 7
+PROMPT = list(range(20, 44))
+
+
+def test_insert_beacons_and_the_block_mask_by_hand():
+    ids, flags = insert_beacons([1, 2, 3, 10, 11, 12, 13, 14], prompt_len=3, c=2, beacon=9)
+    assert ids == [1, 2, 3, 10, 11, 9, 12, 13, 9, 14] and flags == [False] * 5 + [True] + [False] * 2 + [True, False]
+    mask = block_mask(flags, prompt_len=3)
+    seen = lambda i: [j for j in range(len(ids)) if mask[i, j]]  # noqa: E731
+    assert seen(2) == [0, 1, 2]  # the prompt is causal
+    assert seen(4) == [0, 1, 2, 3, 4]  # the first window
+    assert seen(5) == [0, 1, 2, 3, 4, 5]  # its beacon reads it
+    assert seen(6) == [0, 1, 2, 5, 6]  # the next window sees the prompt and the beacon, not the folded tokens
+    assert seen(8) == [0, 1, 2, 5, 6, 7, 8]
+    assert seen(9) == [0, 1, 2, 5, 8, 9]
+    assert insert_beacons([1, 10, 11], 1, 2, 9)[0] == [1, 10, 11]  # no beacon after a final full window
+
+
+@pytest.mark.parametrize("c", [2, 4, 5])
+def test_incremental_decode_with_beacons_equals_the_training_mask_forward(tiny_model, c):
+    loaded = dataclasses.replace(tiny_model, beacon_token_id=BEACON)
+    engine = Engine(loaded, EngineConfig(kv_pool_bytes=2 << 20), policy=InProcessPolicy())
+    compression = CompressionConfig(policy="breadcrumbs", params={"c": str(c)})
+    events = []
+    engine.add_request(GenerationRequest("r", PROMPT, SamplingParams(temperature=0, max_new_tokens=17, ignore_eos=True),
+                                         compression=compression), events.append)
+    engine.run_until_done()
+    done = events[-1]
+    generated = done.token_ids
+    assert len(generated) == 17 and done.usage.beacons == (17 - 1) // c
+    folds = [e for e in events if isinstance(e, EvictionEvent)]
+    # A beacon fed with the last token is never folded: the sequence is over.
+    assert len(folds) == done.usage.beacons - int((17 - 1) % c == 0) and all(e.evicted == c for e in folds)
+    assert done.usage.peak_kv_slots <= 1 + len(PROMPT) + done.usage.beacons + c + 1  # prompt + beacons + a window
+
+    # The same sequence through the model in one pass with the training mask.
+    bos = tiny_model.config.bos_token_id
+    prompt = [bos] + PROMPT
+    ids, flags = insert_beacons(prompt + generated, len(prompt), c, BEACON)
+    with torch.no_grad():
+        logits = tiny_model.model(torch.tensor([ids]), torch.arange(len(ids))[None],
+                                  attention=masked_attention(block_mask(flags, len(prompt))))[0]
+    # Each generated token is predicted at the position just before it (a beacon, after a window).
+    where = [i - 1 for i in range(len(prompt), len(ids)) if not flags[i]]
+    assert [int(logits[i].argmax()) for i in where] == generated  # greedy decode = the masked forward's picks
+    forced = GenerationRequest("f", PROMPT, SamplingParams(temperature=0, max_new_tokens=17, ignore_eos=True),
+                               compression=compression, forced_tokens=generated)
+    [replayed] = engine.generate([forced])
+    expected = torch.log_softmax(logits[where].float(), -1)[torch.arange(len(where)), torch.tensor(generated)]
+    assert torch.allclose(torch.tensor([s.logprob for s in replayed.replay]), expected, atol=1e-4)
+    assert engine.pool.used_blocks == 0
+
+
+def test_breadcrumbs_needs_a_beacon_trained_checkpoint(make_engine):
+    with pytest.raises(InvalidRequest, match="needs a beacon-trained checkpoint"):
+        make_engine().add_request(GenerationRequest("r", PROMPT, compression=CompressionConfig(policy="breadcrumbs")),
+                                  lambda ev: None)
+
+
+@pytest.mark.parametrize("c", ["1", "257", "x"])
+def test_c_is_validated(c):
+    with pytest.raises(PolicyRejected, match="c must be in|not a valid"):
+        InProcessPolicy().describe("breadcrumbs", {"c": c})
