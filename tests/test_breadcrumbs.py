@@ -77,3 +77,27 @@ def test_breadcrumbs_needs_a_beacon_trained_checkpoint(make_engine):
 def test_c_is_validated(c):
     with pytest.raises(PolicyRejected, match="c must be in|not a valid"):
         InProcessPolicy().describe("breadcrumbs", {"c": c})
+
+
+def test_under_a_budget_the_oldest_beacons_go_and_the_prompt_stays(tiny_model):
+    loaded = dataclasses.replace(tiny_model, beacon_token_id=BEACON)
+    engine = Engine(loaded, EngineConfig(kv_pool_bytes=2 << 20), policy=InProcessPolicy())
+    prompt = 1 + len(PROMPT)
+    seen = {}
+
+    def watch(engine_, seq):
+        kv = seq.kv
+        seen["positions"] = engine_.pool.positions[0, 0, kv.slot_map[:kv.n]].tolist()
+        seen["all_beacons"] = [p for p, t in enumerate(seq.position_tokens) if t == BEACON and p >= prompt]
+
+    engine.step_hooks.append(watch)
+    compression = CompressionConfig(policy="breadcrumbs", budget=prompt + 6, interval=4, window=2, sinks=4,
+                                    params={"c": "2"})
+    [done] = engine.generate([GenerationRequest("r", PROMPT, SamplingParams(temperature=0, max_new_tokens=40,
+                                                                            ignore_eos=True), compression=compression)])
+    assert done.usage.compression_events > done.usage.beacons  # beacon folds and budget compressions
+    kept = seen["positions"]
+    assert kept[:prompt] == list(range(prompt))  # the whole prompt stays
+    beacons = [p for p in kept if p in set(seen["all_beacons"])]
+    assert 0 < len(beacons) < len(seen["all_beacons"])  # some beacons were dropped ...
+    assert beacons == seen["all_beacons"][-len(beacons):]  # ... the oldest ones
