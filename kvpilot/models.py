@@ -10,7 +10,8 @@ import torch
 ASSETS = Path(__file__).resolve().parent / "assets"
 BUNDLED_MODEL = ASSETS / "reasoner"
 # Checkpoints shipped with the package, by the short name `--model` accepts.
-BUNDLED_MODELS = {"reasoner": BUNDLED_MODEL, "reasoner-v2": ASSETS / "reasoner-v2"}
+BUNDLED_MODELS = {"reasoner": BUNDLED_MODEL, "reasoner-v2": ASSETS / "reasoner-v2",
+                  "reasoner-v2-sidequest": ASSETS / "reasoner-v2-sidequest"}  # v2 fine-tuned for SideQuest
 CACHE_DIR = Path(os.environ.get("KVPILOT_HOME", Path.home() / ".cache" / "kvpilot"))
 
 

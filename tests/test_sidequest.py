@@ -273,3 +273,43 @@ def test_a_side_thread_starts_even_when_the_batch_is_full(make_engine):
     finals, _ = session_turns(engine, CompressionConfig(policy="sidequest", params={"every": "1", "max_side_tokens": "4"}),
                               turns=2)
     assert finals[1].usage.side_threads == 1 and finals[1].usage.side_tokens == 4  # it ran (cut at 4: a random model)
+
+
+def test_the_fine_tuned_model_names_obsolete_outputs_and_keeps_its_answer():
+    """The bundled SideQuest checkpoint on a held-out hard episode: its side threads answer in the grammar, the
+    outputs it deletes lower the peak, and the answer stays right (the full benchmark: benchmarks/sidequest_peak.py)."""
+    from decoder_service.checkpoint import load_checkpoint
+    from decoder_service.engine import Engine, EngineConfig
+    from kvpilot.agent import EpisodeRunner
+    from kvpilot.models import BUNDLED_MODELS
+
+    loaded = load_checkpoint(BUNDLED_MODELS["reasoner-v2-sidequest"])
+    episode = make_episode("multihop", 0, "hard")
+    engine = Engine(loaded, EngineConfig(kv_pool_bytes=64 << 20), policy=InProcessPolicy())
+    [full] = EpisodeRunner(engine).run([episode])
+    [side] = EpisodeRunner(engine, compression=CompressionConfig(policy="sidequest", params={"every": "1"})).run([episode])
+    assert full.correct and side.correct
+    assert side.side_threads >= 6 and side.side_cut == 0 and side.dropped_tool_outputs >= 3
+    assert side.peak_kv_slots <= 0.65 * full.peak_kv_slots
+    assert side.total_tokens == full.total_tokens  # the main trace is the same: nothing it needed was dropped
+
+
+def test_main_traces_with_drops_hide_only_what_no_later_turn_reads():
+    from kvpilot.training.sidequest_data import hidden_mask, main_trace_with_drops
+
+    for difficulty, seed in (("hard", 2), ("long", 4)):
+        episode = make_episode("multihop", seed, difficulty)
+        words, mask, hidden = main_trace_with_drops(episode, every=1)
+        assert hidden and words == episode.training_words()[0] and mask == episode.training_words()[1]
+        # The word index where each model turn starts, and each tool output's span.
+        turns, outputs, at = [], [], len(episode.prompt.split())
+        for role, text in episode.reference:
+            (turns if role == "model" else outputs).append(at)
+            at += len(text.split())
+        last = last_uses(episode)
+        for start, end, since in hidden:
+            k = outputs.index(start)
+            assert since > turns[last[k]]  # the turn that last reads output #k starts before it is hidden
+        allowed = hidden_mask(len(words) + 1, hidden)
+        start, end, since = hidden[0]
+        assert not allowed[since + 1, start + 1] and allowed[since, start + 1] and allowed[since + 1, 0]

@@ -71,3 +71,37 @@ def random_side_example(episode: Episode, rng: random.Random) -> tuple[list[str]
     if not boundaries:
         return None
     return side_example(episode, every, rng.choice(boundaries))
+
+
+def main_trace_with_drops(episode: Episode, every: int) -> tuple[list[str], list[bool], list[tuple[int, int, int]]]:
+    """The episode's main trace as the runtime leaves it under sidequest, for the main thread to train on: (words
+    after <bos>, loss mask, hidden spans). Each side thread's deletions (answered as labelled) apply at the end of
+    the next model turn, so every token from the following tool output on stops seeing them: a hidden span
+    (key start, key end, first query that no longer sees it), word indices after <bos>. Nothing is hidden that a
+    later turn reads, so the task stays solvable; the main thread learns to work with the holes."""
+    words, mask = episode.training_words()
+    starts, position = [], len(episode.prompt.split())  # where each tool output starts and ends
+    for role, text in episode.reference:
+        n = len(text.split())
+        if role == "tool":
+            starts.append((position, position + n))
+        position += n
+    hidden = []
+    gone: set[int] = set()
+    last = last_uses(episode)
+    for t in side_boundaries(episode, every):
+        answer = [k for k in range(t + 1) if last[k] <= t and k not in gone]
+        gone |= set(answer)
+        if t + 1 < len(starts):  # applied at the end of turn t + 1: output #t+1 and later do not see them
+            hidden += [(starts[k][0], starts[k][1], starts[t + 1][0]) for k in answer]
+    return words, mask, hidden
+
+
+def hidden_mask(length: int, hidden: list[tuple[int, int, int]], offset: int = 1):
+    """[T, T] bool attention mask: causal, minus the hidden spans (word indices shifted by `offset` for <bos>)."""
+    import torch
+
+    allowed = torch.ones(length, length, dtype=torch.bool).tril()
+    for start, end, since in hidden:
+        allowed[since + offset:, start + offset:end + offset] = False
+    return allowed

@@ -123,6 +123,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="share of sequences that are SideQuest side threads (multihop traces forked at a tool "
                              "output, answered with the outputs whose last use is past; kvpilot.training."
                              "sidequest_data); the rest is the usual mix, which keeps the main task as it was")
+    parser.add_argument("--sidequest-drops", type=float, default=0.0,
+                        help="share of multihop main traces trained with the deletions sidequest would make (hidden "
+                             "from every later token by the attention mask), so the main thread keeps working with holes")
     parser.add_argument("--breadcrumbs", default=None, metavar="C[,C...]",
                         help="train a Breadcrumbs student: a beacon after every C model-written tokens with the block "
                              "attention mask (kvpilot/training/breadcrumbs.py); several values: one C drawn per "
@@ -251,7 +254,7 @@ def make_batch(args, step: int, vocab: dict[str, int]) -> tuple[torch.Tensor, to
     sequences = []
     longest = 0
     while True:
-        positions = None
+        positions, hidden = None, None
         if sidequest_share and difficulty != "easy" and rng.random() < sidequest_share:
             from kvpilot.training.sidequest_data import random_side_example
 
@@ -266,6 +269,11 @@ def make_batch(args, step: int, vocab: dict[str, int]) -> tuple[torch.Tensor, to
             task = rng.choices(tasks, task_weights)[0]
             episode = make_episode(task, TRAIN_SEED_BASE + rng.randrange(10**9), difficulty)
             words, mask = episode.training_words()
+            if (task == "multihop" and difficulty != "easy" and getattr(args, "sidequest_drops", 0.0)
+                    and rng.random() < args.sidequest_drops):
+                from kvpilot.training.sidequest_data import EVERY_CHOICES, main_trace_with_drops
+
+                words, mask, hidden = main_trace_with_drops(episode, rng.choice(EVERY_CHOICES))
         longest_if_added = max(longest, len(words) + 1)
         if sequences and longest_if_added * (len(sequences) + 1) > args.batch_tokens:
             break
@@ -282,23 +290,28 @@ def make_batch(args, step: int, vocab: dict[str, int]) -> tuple[torch.Tensor, to
             if sequences and longest_if_added * (len(sequences) + 1) > args.batch_tokens:
                 break
         positions = [0] + (list(positions) if positions is not None else list(range(1, len(words) + 1)))
-        sequences.append(([vocab[BOS]] + [vocab[w] for w in words], [False] + mask, positions, beacons))
+        sequences.append(([vocab[BOS]] + [vocab[w] for w in words], [False] + mask, positions, beacons, hidden))
         longest = longest_if_added
 
     pad = vocab[PAD]
     ids = torch.full((len(sequences), longest), pad, dtype=torch.long)
     loss_mask = torch.zeros((len(sequences), longest), dtype=torch.bool)
     pos = torch.arange(longest).repeat(len(sequences), 1)  # padding continues the count (it is masked anyway)
-    attend = torch.eye(longest, dtype=torch.bool).repeat(len(sequences), 1, 1) if beacon_cs else None
-    for row, (seq, mask, where, beacons) in enumerate(sequences):
+    masked = beacon_cs or any(s[4] for s in sequences)
+    attend = torch.eye(longest, dtype=torch.bool).repeat(len(sequences), 1, 1) if masked else None
+    for row, (seq, mask, where, beacons, hidden) in enumerate(sequences):
         ids[row, : len(seq)] = torch.tensor(seq)
         loss_mask[row, : len(mask)] = torch.tensor(mask)
         pos[row, : len(where)] = torch.tensor(where)
-        if attend is not None:
+        if attend is not None and beacons is not None:
             from kvpilot.training.breadcrumbs import block_mask
 
             prompt = next((i for i, m in enumerate(mask) if m), len(mask))
             attend[row, : len(seq), : len(seq)] = block_mask(beacons, prompt)  # padding attends to itself only
+        elif attend is not None:  # causal, minus what sidequest's deletions hide (nothing for other rows)
+            from kvpilot.training.sidequest_data import hidden_mask
+
+            attend[row, : len(seq), : len(seq)] = hidden_mask(len(seq), hidden or [])
     # Predict token t from tokens < t: the mask belongs to the target position.
     batch = ids[:, :-1], ids[:, 1:], loss_mask[:, 1:], pos[:, :-1]
     return batch if attend is None else (*batch, attend[:, :-1, :-1])
