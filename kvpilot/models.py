@@ -11,7 +11,8 @@ ASSETS = Path(__file__).resolve().parent / "assets"
 BUNDLED_MODEL = ASSETS / "reasoner"
 # Checkpoints shipped with the package, by the short name `--model` accepts.
 BUNDLED_MODELS = {"reasoner": BUNDLED_MODEL, "reasoner-v2": ASSETS / "reasoner-v2",
-                  "reasoner-v2-sidequest": ASSETS / "reasoner-v2-sidequest"}  # v2 fine-tuned for SideQuest
+                  "reasoner-v2-sidequest": ASSETS / "reasoner-v2-sidequest",  # v2 fine-tuned for SideQuest
+                  "reasoner-v2-breadcrumbs": ASSETS / "reasoner-v2-breadcrumbs"}  # v2 + beacons (Breadcrumbs)
 CACHE_DIR = Path(os.environ.get("KVPILOT_HOME", Path.home() / ".cache" / "kvpilot"))
 
 

@@ -101,3 +101,21 @@ def test_under_a_budget_the_oldest_beacons_go_and_the_prompt_stays(tiny_model):
     beacons = [p for p in kept if p in set(seen["all_beacons"])]
     assert 0 < len(beacons) < len(seen["all_beacons"])  # some beacons were dropped ...
     assert beacons == seen["all_beacons"][-len(beacons):]  # ... the oldest ones
+
+
+def test_the_bundled_student_runs_with_beacons():
+    """The committed beacon-trained checkpoint is accepted and folds its windows (its accuracy is in
+    benchmarks/results/breadcrumbs.md)."""
+    from decoder_service.checkpoint import load_checkpoint
+    from kvpilot.agent import EpisodeRunner
+    from kvpilot.models import BUNDLED_MODELS
+    from kvpilot.tasks import make_episode
+    from kvpilot.training.breadcrumbs import BEACON
+
+    student = load_checkpoint(BUNDLED_MODELS["reasoner-v2-breadcrumbs"])
+    assert student.beacon_token_id == student.tokenizer.token_to_id(BEACON)
+    engine = Engine(student, EngineConfig(kv_pool_bytes=16 << 20), policy=InProcessPolicy())
+    episode = make_episode("variables", 0, "default")
+    [full] = EpisodeRunner(engine).run([episode])
+    [folded] = EpisodeRunner(engine, compression=CompressionConfig(policy="breadcrumbs", params={"c": "8"})).run([episode])
+    assert folded.evicted_tokens >= 8 * 5 and folded.peak_kv_slots < 0.6 * full.peak_kv_slots
