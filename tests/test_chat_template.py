@@ -58,7 +58,7 @@ def test_a_template_that_refuses_says_why():
 @pytest.fixture(scope="module")
 def chatml_server(make_checkpoint, tmp_path_factory):
     directory = tmp_path_factory.mktemp("chatml") / "model"
-    shutil.copytree(make_checkpoint("llama"), directory)
+    shutil.copytree(make_checkpoint("qwen2"), directory)  # a tiny random Qwen2-style model with Qwen's ChatML
     (directory / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHATML}))
     engine = Engine(load_checkpoint(directory), EngineConfig(kv_pool_bytes=8 << 20), policy=InProcessPolicy())
     with BackgroundServer(engine, http_address="127.0.0.1:0") as server:
@@ -76,6 +76,9 @@ def test_chat_renders_every_message_and_adds_no_second_bos(chatml_server):
     request.add_bos = False
     expected = list(connect(chatml_server.address).Generate(request, timeout=60))[-1].complete
     assert out.choices[0].message.content == expected.text
+    streamed = client.chat.completions.create(model=engine.loaded.name, messages=MESSAGES, max_tokens=5, temperature=0,
+                                              stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == expected.text
 
 
 @pytest.mark.parametrize("name", sorted(BUNDLED_MODELS))
