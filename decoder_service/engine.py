@@ -674,6 +674,9 @@ class Engine:
         """Free the parked KV of sessions the store no longer has (TTL expired, deleted elsewhere)."""
         for sid in [sid for sid in self.resident if self.store.get(sid) is None]:
             self.drop_resident(sid)
+        for sid in [sid for sid in self.side_threads.sessions if sid not in self.busy_sessions
+                    and self.store.get(sid) is None]:
+            self.side_threads.forget(sid)  # what its side threads left for a next turn that will never come
 
     def _schedule(self) -> list[tuple[Sequence, int]]:
         budget = self.config.max_batch_tokens
@@ -1022,6 +1025,7 @@ class Engine:
         """Drop this decoder's copy (it was deleted elsewhere); an idle session only."""
         if session_id not in self.busy_sessions:
             self.drop_resident(session_id)
+            self.side_threads.forget(session_id)
             self.store.delete(session_id)
 
     def server_info(self) -> dict:

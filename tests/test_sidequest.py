@@ -214,14 +214,16 @@ def test_remote_and_in_process_side_threads_drop_the_same_outputs(make_engine):
     compression = CompressionConfig(policy="sidequest", params={"every": "1", "max_side_tokens": "4"})
     local = make_engine()
     local.compressor.policy = InProcessPolicy({"sidequest": DropOutputZero})
-    local_finals, _ = session_turns(local, compression, turns=3)
+    # Turns long enough (60 tokens) for the remote round trips to land inside them: a plan that arrives after its
+    # turn ended starts no side thread (the main thread is never held for it).
+    local_finals, _ = session_turns(local, compression, turns=3, n=60)
     with BackgroundPolicyServer(policies={"sidequest": DropOutputZero}) as server:
         client = RemotePolicy(server.address)
         try:
             assert client.wait_until_available(10)
             remote = make_engine()
             remote.compressor.policy = client
-            remote_finals, _ = session_turns(remote, compression, turns=3)
+            remote_finals, _ = session_turns(remote, compression, turns=3, n=60)
         finally:
             client.close()
     dropped = lambda engine: [(s.index, s.dropped) for s in engine.get_session("s")[0].segments if s.kind == "tool"]  # noqa: E731
@@ -313,3 +315,13 @@ def test_main_traces_with_drops_hide_only_what_no_later_turn_reads():
         allowed = hidden_mask(len(words) + 1, hidden)
         start, end, since = hidden[0]
         assert not allowed[since + 1, start + 1] and allowed[since, start + 1] and allowed[since + 1, 0]
+
+
+def test_side_thread_state_goes_with_its_session(make_engine):
+    engine = make_engine()
+    engine.compressor.policy = InProcessPolicy({"sidequest": DropOutputZero})
+    session_turns(engine, CompressionConfig(policy="sidequest", params={"every": "1", "max_side_tokens": "4"}), 2)
+    assert "s" in engine.side_threads.sessions
+    engine.store.delete("s")  # expired or deleted elsewhere
+    engine.expire_sessions()
+    assert "s" not in engine.side_threads.sessions and engine.pool.used_blocks == 0
