@@ -7,8 +7,9 @@ For each panel (held-out episodes, seeds below the training range):
                     (peak = budget + interval: they compress when the cache reaches it);
   sidequest + rkv   the hybrid: side-thread deletions and R-KV under that same budget.
 Panels: the long multihop variant (the agentic workload), today's multihop at the hard difficulty (in distribution),
-the same with 8 documents per tool output instead of 12 (out of distribution: no training episode paired 8 hops
-with 8 documents; 16 documents breaks the main task itself, full cache 0%), and the default difficulty (4 hops: too short for deletions to lower the peak).
+the same with 8 documents per tool output instead of 12 (meant as out of distribution; measured: the main model
+itself fails there, full cache 0%, as at 10, 11 or 14 documents and at 10 hops), and the default difficulty (4 hops:
+too short for deletions to lower the peak).
 
     python benchmarks/sidequest_peak.py [--model reasoner-v2-sidequest] [--episodes 10] [--panels long,hard,hard-docs8]
 
@@ -20,7 +21,6 @@ import argparse
 import time
 from pathlib import Path
 
-import torch
 
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     import sys

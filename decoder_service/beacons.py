@@ -14,8 +14,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kvpilot_protocol.frame import Decision, SpanDrop, StatsFrame
-
 
 @dataclass
 class Window:
@@ -49,17 +47,9 @@ class Beacons:
         positions = seq.history_positions[base + window.start: base + window.start + c]
         window.start += c
         window.beacon_queued = False
-        if not positions:
-            return
-        cfg, m = seq.request.compression, engine.model_config
-        seq.compression_state.frames += 1
-        frame = StatsFrame(frame_id=seq.compression_state.frames, session_id=seq.session.id if seq.session else seq.id,
-                           n=seq.kv.n, keep=seq.kv.n, sinks=cfg.sinks, window=0, num_layers=m.num_layers,
-                           num_kv_heads=m.num_kv_heads, num_heads=m.num_heads, step=len(seq.generated),
-                           seed=seq.usage.seed)
-        plan = SpanDrop([(positions[0], positions[-1] + 1)])
-        engine.compressor.apply(engine, seq, frame, Decision(frame.frame_id, plan, cfg.policy, frame.seed),
-                                reason="breadcrumbs: window folded into its beacon")
+        if positions:
+            engine.compressor.drop_spans(engine, seq, [(positions[0], positions[-1] + 1)],
+                                         reason="breadcrumbs: window folded into its beacon")
 
     def release(self, seq) -> None:
         self.windows.pop(seq.id, None)

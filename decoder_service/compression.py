@@ -333,11 +333,7 @@ class Compressor:
         else:
             state.frames += 1
             frame_id, seed = state.frames, frame_seed(seq.usage.seed, state.frames)
-        m = engine.model_config
-        fresh = StatsFrame(frame_id=frame_id, session_id=seq.session.id if seq.session else seq.id, n=seq.kv.n,
-                           keep=c.budget, sinks=c.sinks, window=c.window, num_layers=m.num_layers,
-                           num_kv_heads=m.num_kv_heads, num_heads=m.num_heads, step=len(seq.generated), seed=seed,
-                           device=seq.kv.pool.device)
+        fresh = live_frame(engine, seq, frame_id, seed, keep=c.budget, window=c.window)
         if span is None:
             span = telemetry.start_compaction_span(seq.request.trace_parent, frame_id, self.fallback.name, fresh.n)
         try:
@@ -352,6 +348,16 @@ class Compressor:
             raise InternalError(f"KV compression failed ({reason}; the fallback policy {self.fallback.name!r} "
                                 f"failed too: {type(exc).__name__}: {exc})") from exc
 
+    def drop_spans(self, engine, seq, spans: list[tuple[int, int]], reason: str) -> None:
+        """Drop these position spans from the live cache now, every other slot kept, outside the budget cadence
+        (side threads' deletions at a turn boundary, Breadcrumbs' folded windows): one more event through `apply`."""
+        state = seq.compression_state
+        state.frames += 1
+        frame = live_frame(engine, seq, state.frames, seq.usage.seed, keep=seq.kv.n, window=0)
+        decision = Decision(frame_id=frame.frame_id, plan=SpanDrop(spans), policy=seq.request.compression.policy,
+                            seed=frame.seed)
+        self.apply(engine, seq, frame, decision, reason=reason)
+
     def _count(self, what: str) -> None:
         if self.metrics is not None and what == "dropped":
             self.metrics.dropped.add(1)
@@ -362,11 +368,20 @@ class Compressor:
             self.metrics.circuit.add(1, {"kvpilot.circuit.state": new})
 
 
+def live_frame(engine, seq, frame_id: int, seed: int, keep: int, window: int) -> StatsFrame:
+    """A frame of the cache as it stands, without statistics: what plans made on the decoder's side (the
+    fallback, span drops, side-thread frames) are checked and applied against."""
+    c, m = seq.request.compression, engine.model_config
+    return StatsFrame(frame_id=frame_id, session_id=seq.session.id if seq.session else seq.id, n=seq.kv.n, keep=keep,
+                      sinks=c.sinks, window=window, num_layers=m.num_layers, num_kv_heads=m.num_kv_heads,
+                      num_heads=m.num_heads, step=len(seq.generated), seed=seed, device=seq.kv.pool.device)
+
+
 def tool_segments(seq) -> list[tuple[int, int, int]]:
-    """The session's tool outputs in the cache as (start position, end position, id), the running turn's own
-    tool input included (a session records its segments when a turn ends), those a side thread dropped excluded. Segments are history ranges; frames
-    speak logical positions (apart from history indices once input-only tokens were fed), and only the computed
-    part of a segment has positions."""
+    """The session's tool outputs in the cache as (start position, end position, id): the running turn's own
+    tool input included (a session records its segments when a turn ends), those a side thread dropped excluded.
+    Segments are history ranges; frames speak logical positions (apart from history indices once input-only
+    tokens were fed), and only the computed part of a segment has positions."""
     session = seq.session
     if session is None:
         return []

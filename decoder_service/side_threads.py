@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from decoder_service.requests import (
     CompressionConfig,
@@ -30,7 +30,7 @@ from decoder_service.requests import (
     SamplingParams,
     SegmentKind,
 )
-from decoder_service.compression import tool_segments
+from decoder_service.compression import live_frame, tool_segments
 from kvpilot_protocol import telemetry
 from kvpilot_protocol.frame import Decision, SideThreadPlan, SpanDrop, StatsFrame
 
@@ -86,14 +86,11 @@ class SideThreads:
 
     # ---- frames and decisions ---------------------------------------------------------------------
     def frame(self, engine, seq, event: str, answer: str = "", cut: bool = False) -> StatsFrame:
-        c, m = seq.request.compression, engine.model_config
-        state = seq.compression_state
+        c, state = seq.request.compression, seq.compression_state
         state.frames += 1  # frame ids stay unique within the request, whatever their kind
-        return StatsFrame(frame_id=state.frames, session_id=seq.session.id, n=seq.kv.n if seq.kv else 0,
-                          keep=c.budget, sinks=c.sinks, window=c.window, num_layers=m.num_layers,
-                          num_kv_heads=m.num_kv_heads, num_heads=m.num_heads, step=len(seq.generated),
-                          seed=seq.usage.seed, tool_segments=tool_segments(seq), side_event=event,
-                          side_answer=answer, side_cut=cut, turn=seq.session.turns)
+        return replace(live_frame(engine, seq, state.frames, seq.usage.seed, keep=c.budget, window=c.window),
+                       tool_segments=tool_segments(seq), side_event=event, side_answer=answer, side_cut=cut,
+                       turn=seq.session.turns)
 
     def decide(self, engine, seq, side: SessionSide, frame: StatsFrame, span) -> None:
         policy, c = engine.compressor.policy, seq.request.compression
@@ -131,7 +128,7 @@ class SideThreads:
         if isinstance(plan, SpanDrop):
             named = {(start, end): index for start, end, index in frame.tool_segments}
             side.spans += plan.spans
-            side.dropped += [named[span] for span in plan.spans if span in named]
+            side.dropped += [named[dropped] for dropped in plan.spans if dropped in named]
             side.ignored += sum(guard_count(plan.guards, name) for name in ("unknown", "protected", "repeated"))
 
     # ---- the fork -----------------------------------------------------------------------------------
@@ -139,9 +136,7 @@ class SideThreads:
         """Run the plan's prompt on a copy-on-write fork of the turn's cache, as one more sequence in the batch."""
         if seq.finish_reason is not None or not 1 <= plan.max_tokens <= MAX_SIDE_TOKENS:
             return
-        span = telemetry.tracer().start_span("side_thread", context=_context_of(seq.request.trace_parent),
-                                             attributes={"kvpilot.side.prompt": plan.prompt,
-                                                         "kvpilot.side.max_tokens": plan.max_tokens})
+        span = telemetry.start_side_thread_span(seq.request.trace_parent, plan.prompt, plan.max_tokens)
         request = GenerationRequest(
             request_id=f"{seq.id}/side{seq.compression_state.frames}",
             input_ids=engine.tokenizer.encode(plan.prompt),
@@ -200,15 +195,7 @@ class SideThreads:
         side.spans, side.dropped = [], []
         u.dropped_tool_outputs += len(dropped)
         side.gone |= dropped
-        c, m = seq.request.compression, engine.model_config
-        seq.compression_state.frames += 1
-        frame = StatsFrame(frame_id=seq.compression_state.frames, session_id=seq.session.id, n=seq.kv.n,
-                           keep=seq.kv.n, sinks=c.sinks, window=0, num_layers=m.num_layers,
-                           num_kv_heads=m.num_kv_heads, num_heads=m.num_heads, step=len(seq.generated),
-                           seed=seq.usage.seed)
-        decision = Decision(frame_id=frame.frame_id, plan=SpanDrop(spans), policy=c.policy, seed=frame.seed)
-        engine.compressor.apply(engine, seq, frame, decision, reason="side thread: tool outputs dropped at the "
-                                                                       "turn boundary")
+        engine.compressor.drop_spans(engine, seq, spans, reason="side thread: tool outputs dropped at the turn boundary")
 
     def mark_segments(self, session) -> None:
         """Flag the session's dropped tool outputs (called once the ending turn's segments are recorded), so
@@ -221,8 +208,3 @@ class SideThreads:
     def forget(self, session_id: str) -> None:
         self.sessions.pop(session_id, None)
 
-
-def _context_of(span):
-    from opentelemetry import trace
-
-    return trace.set_span_in_context(span) if span is not None else None

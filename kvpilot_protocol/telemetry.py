@@ -176,6 +176,13 @@ def start_compaction_span(parent: trace.Span | None, frame_id: int, policy: str,
         "kvpilot.frame_id": frame_id, "kvpilot.policy": policy, "kvpilot.slots_before": slots})
 
 
+def start_side_thread_span(parent: trace.Span | None, prompt: str, max_tokens: int) -> trace.Span:
+    """A SideQuest side thread, a child of the turn's generate span (its tokens and answer are added at the end)."""
+    ctx = trace.set_span_in_context(parent) if parent is not None else None
+    return tracer().start_span("side_thread", context=ctx, attributes={
+        "kvpilot.side.prompt": prompt, "kvpilot.side.max_tokens": max_tokens})
+
+
 def end_compaction_span(span: trace.Span, *, slots_after: int, evicted: int, merged: int, latency_s: float,
                         staleness: int, fallback: bool, dropped: bool = False, reason: str = "") -> None:
     span.set_attributes({
@@ -212,7 +219,7 @@ def record_decide_error(span: trace.Span, exc: Exception) -> None:
 
 # ---- decoder metrics ---------------------------------------------------------------------------------
 class DecoderMetrics:
-    """The instruments of DESIGN.md's Observability section (names match deploy/grafana's dashboard)."""
+    """The decoder's instruments (names match deploy/grafana's dashboard)."""
 
     def __init__(self, pool=None):
         meter = metrics.get_meter(TRACER_NAME)

@@ -3,14 +3,13 @@ decoder's side threads (a copy-on-write fork in the batch whose answer drops too
 boundary), in-process and remote."""
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 from typing import ClassVar
 
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from decoder_service.requests import CompressionConfig, EvictionEvent, FinishEvent, GenerationRequest, SamplingParams, SegmentKind
+from decoder_service.requests import CompressionConfig, EvictionEvent, GenerationRequest, SamplingParams, SegmentKind
 from kvpilot.tasks import make_episode
 from kvpilot.tasks.multihop import MultihopWalkEpisode, last_uses
 from kvpilot.training.sidequest_data import dropped_before, side_boundaries, side_example
