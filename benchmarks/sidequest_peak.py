@@ -76,6 +76,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=None, help="CSV path (default benchmarks/results/sidequest_peak_<device>.csv)")
     add_device_arguments(p)
     args = p.parse_args(argv)
+    if args.pressure_mb is not None and args.pressure_mb <= 0:
+        p.error(f"--pressure-mb must be > 0 MiB (got {args.pressure_mb})")
     dtype, device_name = apply_device_arguments(args)
     path = resolve_model(args.model)
     loaded = load_checkpoint(path, device=args.device, dtype=dtype)

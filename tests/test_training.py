@@ -158,6 +158,17 @@ def test_rejects_kv_heads_that_do_not_divide_heads(tmp_path, heads, kv_heads):
     assert not (tmp_path / "args.json").exists()  # rejected before any work
 
 
+@pytest.mark.parametrize("option, value, message", [
+    ("--sidequest-share", "1.5", "share in"), ("--sidequest-drops", "-0.1", "share in"),
+    ("--breadcrumbs", "1", "beacon intervals"), ("--breadcrumbs", "4,x", "beacon intervals"),
+    ("--breadcrumbs", "300", "beacon intervals"),
+])
+def test_rejects_bad_sidequest_and_breadcrumbs_options(tmp_path, option, value, message):
+    with pytest.raises(SystemExit, match=message):
+        cli.main(["train-model", *TINY, option, value, "--out", str(tmp_path)])
+    assert not (tmp_path / "args.json").exists()  # rejected before any work
+
+
 def test_rejects_odd_head_dimensions(tmp_path):
     with pytest.raises(SystemExit, match="head dimension"):
         train_model.run(parse("--hidden", "36", "--heads", "4", "--kv-heads", "2", "--out", str(tmp_path)))

@@ -172,6 +172,16 @@ def check_args(args: argparse.Namespace) -> None:
         raise SystemExit(f"error: --start-step must be in [0, --steps {args.steps}] (got {args.start_step})")
     if heads < 1 or kv_heads < 1:
         raise SystemExit(f"error: --heads and --kv-heads must be >= 1 (got {heads} and {kv_heads})")
+    for name in ("sidequest_share", "sidequest_drops"):
+        if not 0.0 <= getattr(args, name, 0.0) <= 1.0:
+            raise SystemExit(f"error: --{name.replace('_', '-')} is a share in [0, 1] (got {getattr(args, name)})")
+    if getattr(args, "breadcrumbs", None):
+        from policy_service.scorers.breadcrumbs import MAX_BEACON_INTERVAL
+
+        cs = args.breadcrumbs.split(",")
+        if not all(c.strip().isdigit() and 2 <= int(c) <= MAX_BEACON_INTERVAL for c in cs):
+            raise SystemExit(f"error: --breadcrumbs takes beacon intervals in [2, {MAX_BEACON_INTERVAL}], comma-separated "
+                             f"(got {args.breadcrumbs!r}); the policy accepts the same range")
     if heads % kv_heads:
         raise SystemExit(f"error: --kv-heads {kv_heads} does not divide --heads {heads}: grouped-query attention "
                          f"shares each K/V head by the same number of query heads (valid --kv-heads for {heads} "
