@@ -1,8 +1,10 @@
 """Decode throughput with compression vs the full cache, and time per compaction event, in one run.
 
     python benchmarks/compression_throughput.py [--batch 8] [--prompt-len 256] [--new-tokens 512] [--budget 128]
+                                                [--shape small | --model reasoner-v2]
 
-Every policy runs the same greedy requests on the same random-weight model through the engine. Reported per
+Every policy runs the same greedy requests on the same model (random weights of --shape, or --model) through the
+engine. Reported per
 policy: decode tokens/s and its ratio to `full`, compaction events, mean time per event split into the
 policy's planning and the plan's application (kernel + bookkeeping), and peak KV bytes per sequence.
 Writes benchmarks/results/compression_throughput_<device>.csv. On a CPU quote the ratios; absolute numbers
@@ -24,7 +26,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 
 from benchmarks.common import RESULTS, add_device_arguments, apply_device_arguments, write_csv
 
-from benchmarks.decode_throughput import SHAPES, make_model, sync
+from benchmarks.decode_throughput import add_model_arguments, model_under_test, sync
 from decoder_service.checkpoint import load_checkpoint
 from decoder_service.engine import Engine, EngineConfig
 from policy_service.local import InProcessPolicy
@@ -72,7 +74,7 @@ def run_policy(loaded, prompts, args, policy: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="small")
+    add_model_arguments(parser)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--prompt-len", type=int, default=256)
     parser.add_argument("--new-tokens", type=int, default=512)
@@ -85,10 +87,11 @@ def main() -> None:
     args = parser.parse_args()
     dtype, device_name = apply_device_arguments(args)
     with tempfile.TemporaryDirectory() as tmp:
-        loaded = load_checkpoint(make_model(args.shape, Path(tmp), dtype), device=args.device, dtype=dtype)
+        path, label = model_under_test(args, Path(tmp), dtype)
+        loaded = load_checkpoint(path, device=args.device, dtype=dtype)
         gen = torch.Generator().manual_seed(0)
-        prompts = torch.randint(3, 512, (args.batch, args.prompt_len), generator=gen).tolist()
-        print(f"model {args.shape} on {args.device} ({device_name}), batch {args.batch}, prompt {args.prompt_len}, "
+        prompts = torch.randint(3, loaded.config.vocab_size, (args.batch, args.prompt_len), generator=gen).tolist()
+        print(f"model {label} on {args.device} ({device_name}), batch {args.batch}, prompt {args.prompt_len}, "
               f"new {args.new_tokens}, budget {args.budget}, interval {args.interval}, threads {torch.get_num_threads()}")
         run_policy(loaded, prompts[:1], argparse.Namespace(**{**vars(args), "new_tokens": 8}), "full")  # warm-up
         rows = [run_policy(loaded, prompts, args, p) for p in args.policies]
@@ -96,11 +99,11 @@ def main() -> None:
     print(f"{'policy':>14} {'tok/s':>8} {'vs full':>8} {'events':>7} {'plan ms':>8} {'apply ms':>9} {'peak KV KiB':>12}")
     for r in rows:
         r["ratio_vs_full"] = r["tokens_per_s"] / full["tokens_per_s"]
-        r.update(device=args.device, device_name=device_name, shape=args.shape, batch=args.batch,
+        r.update(device=args.device, device_name=device_name, shape=label, batch=args.batch,
                  prompt_len=args.prompt_len, new_tokens=args.new_tokens, budget=args.budget, interval=args.interval)
         print(f"{r['policy']:>14} {r['tokens_per_s']:>8.1f} {r['ratio_vs_full']:>8.2f} {r['events']:>7} "
               f"{r['plan_ms']:>8.2f} {r['apply_ms']:>9.2f} {r['peak_kv_kib']:>12.0f}")
-    out = RESULTS / f"compression_throughput_{args.device.split(':')[0]}.csv"
+    out = RESULTS / f"compression_throughput_{'' if label == 'small' else label + '_'}{args.device.split(':')[0]}.csv"
     write_csv(out, rows)
     print(f"wrote {out}")
 

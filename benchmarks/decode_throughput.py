@@ -1,6 +1,7 @@
 """Decode throughput: kvpilot's engine vs transformers' generate on the same weights, side by side in one run.
 
     python benchmarks/decode_throughput.py [--batch-sizes 1 4 16] [--prompt-len 64] [--new-tokens 64]
+                                           [--shape small | --model reasoner-v2]
 
 Both sides run greedy decoding of equal-length prompts (no padding) with EOS ignored, so they produce the same
 number of tokens. Prints tokens/s and the kvpilot/transformers ratio per batch size and writes
@@ -47,6 +48,23 @@ def make_model(shape: str, directory: Path, dtype: torch.dtype) -> Path:
     return save_checkpoint(model, directory / "tokenizer.json", directory / shape)
 
 
+def model_under_test(args, directory: Path, dtype: torch.dtype) -> tuple[Path, str]:
+    """(checkpoint, label): `--model` (a checkpoint or a bundled model's name, e.g. the default reasoner-v2), else
+    a random-weight model of `--shape`."""
+    if args.model:
+        from kvpilot.models import resolve_model
+
+        path = resolve_model(args.model)
+        return path, path.name
+    return make_model(args.shape, directory, dtype), args.shape
+
+
+def add_model_arguments(parser) -> None:
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="small", help="random-weight model shape")
+    parser.add_argument("--model", default=None,
+                        help="a checkpoint directory or a bundled model's name (reasoner-v2, ...) instead of --shape")
+
+
 def bench_kvpilot(loaded, prompts, new_tokens, device) -> float:
     engine = Engine(loaded, EngineConfig(max_running=len(prompts), max_batch_tokens=max(512, len(prompts) * len(prompts[0])),
                                          prefill_chunk=4096, kv_pool_bytes=1 << 30))
@@ -84,7 +102,7 @@ def sync(device: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="small")
+    add_model_arguments(parser)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16, 32])
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=64)
@@ -94,21 +112,22 @@ def main() -> None:
     dtype, device_name = apply_device_arguments(args)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        path = make_model(args.shape, Path(tmp), dtype)
+        path, label = model_under_test(args, Path(tmp), dtype)
         loaded = load_checkpoint(path, device=args.device, dtype=dtype)
-        print(f"model {args.shape} ({loaded.model.num_parameters() / 1e6:.1f} M params), {args.device} ({device_name}), "
+        vocab = loaded.config.vocab_size
+        print(f"model {label} ({loaded.model.num_parameters() / 1e6:.1f} M params), {args.device} ({device_name}), "
               f"{args.dtype}, prompt {args.prompt_len}, new tokens {args.new_tokens}, torch threads {torch.get_num_threads()}")
         print(f"{'batch':>5} {'kvpilot tok/s':>14} {'transformers tok/s':>19} {'ratio':>7}")
         for batch in args.batch_sizes:
             gen = torch.Generator().manual_seed(batch)
-            prompts = torch.randint(3, 512, (batch, args.prompt_len), generator=gen).tolist()
+            prompts = torch.randint(3, vocab, (batch, args.prompt_len), generator=gen).tolist()
             ours = max(bench_kvpilot(loaded, prompts, args.new_tokens, args.device) for _ in range(args.repeats))
             theirs = max(bench_transformers(path, prompts, args.new_tokens, args.device, dtype) for _ in range(args.repeats))
-            rows.append(dict(shape=args.shape, device=args.device, device_name=device_name, dtype=args.dtype, batch=batch,
+            rows.append(dict(shape=label, device=args.device, device_name=device_name, dtype=args.dtype, batch=batch,
                              prompt_len=args.prompt_len, new_tokens=args.new_tokens, kvpilot_tok_s=round(ours, 1),
                              transformers_tok_s=round(theirs, 1), ratio=round(ours / theirs, 3)))
             print(f"{batch:>5} {ours:>14.1f} {theirs:>19.1f} {ours / theirs:>7.2f}")
-    out = RESULTS / f"decode_throughput_{args.shape}_{args.device.split(':')[0]}.csv"
+    out = RESULTS / f"decode_throughput_{label}_{args.device.split(':')[0]}.csv"
     write_csv(out, rows)
     print(f"wrote {out}")
 

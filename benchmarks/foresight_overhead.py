@@ -69,7 +69,7 @@ def run_policy(loaded, prompts, args, policy: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="checkpoint with foresight.safetensors beside it, or a bundled model's name "
-                                        "(default: the bundled reasoner)")
+                                        "(default: the default bundled model, reasoner-v2)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--prompt-len", type=int, default=256)
     parser.add_argument("--new-tokens", type=int, default=256)

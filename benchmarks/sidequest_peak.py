@@ -65,8 +65,17 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="reasoner-v2-sidequest")
     p.add_argument("--episodes", type=int, default=10, help="held-out episodes per panel (seeds 0..N-1)")
+    p.add_argument("--first-seed", type=int, default=0,
+                   help="episodes use seeds first..first+N-1 (0: the held-out evaluation seeds; e.g. 500 for a "
+                        "validation set that picks between checkpoints without touching them)")
     p.add_argument("--panels", default="long,hard,hard-docs8")
-    p.add_argument("--every", type=int, default=2, help="sidequest: tool outputs between side threads")
+    p.add_argument("--policies", default=None,
+                   help="comma-separated subset of full,sidequest,h2o,snapkv,rkv,streaming_llm,sidequest+rkv (default all; "
+                        "full and sidequest always run: the others' budget comes from sidequest's peak)")
+    p.add_argument("--every", type=int, default=1, help="sidequest: tool outputs between side threads")
+    p.add_argument("--protect-latest", type=int, default=0,
+                   help="sidequest: the newest tool outputs it never drops (0 lets the side thread name the output "
+                        "the turn just read: it drops when that turn ends)")
     p.add_argument("--interval", type=int, default=16)
     p.add_argument("--window", type=int, default=16)
     p.add_argument("--batch", type=int, default=8, help="episodes in flight (continuous batching)")
@@ -78,14 +87,23 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.pressure_mb is not None and args.pressure_mb <= 0:
         p.error(f"--pressure-mb must be > 0 MiB (got {args.pressure_mb})")
+    known = {"full", "sidequest", "sidequest+rkv", *BASELINES}
+    if args.policies is not None and not set(args.policies.split(",")) <= known:
+        p.error(f"--policies: unknown {sorted(set(args.policies.split(',')) - known)}; choose from {sorted(known)}")
+    if not 0 <= args.first_seed < 1_000_000:
+        p.error(f"--first-seed must be in [0, 1000000) (training episodes use seeds >= 1,000,000; got {args.first_seed})")
+    if not 0 <= args.protect_latest <= 8:
+        p.error(f"--protect-latest must be in [0, 8] (got {args.protect_latest})")
     dtype, device_name = apply_device_arguments(args)
     path = resolve_model(args.model)
     loaded = load_checkpoint(path, device=args.device, dtype=dtype)
+    wanted = None if args.policies is None else set(args.policies.split(","))
     rows = []
     for panel in args.panels.split(","):
         difficulty, knobs = PANELS[panel]
-        episodes = [make_episode("multihop", seed, difficulty, **knobs) for seed in range(args.episodes)]
-        side = {"every": str(args.every)}
+        episodes = [make_episode("multihop", seed, difficulty, **knobs)
+                    for seed in range(args.first_seed, args.first_seed + args.episodes)]
+        side = {"every": str(args.every), "protect_latest": str(args.protect_latest)}
         cells = [("full", CompressionConfig()), ("sidequest", CompressionConfig(policy="sidequest", params=side))]
         measured = {}
         for name, compression in cells:
@@ -96,6 +114,7 @@ def main(argv=None) -> int:
         bounded = dict(budget=budget, interval=args.interval, window=args.window, sinks=4)
         cells = [(b, CompressionConfig(policy=b, **bounded)) for b in BASELINES]
         cells.append(("sidequest+rkv", CompressionConfig(policy="sidequest", params={**side, "base": "rkv"}, **bounded)))
+        cells = [(name, compression) for name, compression in cells if wanted is None or name in wanted]
         for name, compression in cells:
             measured[name] = run_cell(loaded, episodes, compression, args)
             print(f"{panel} {name}: {measured[name]['accuracy']:.2f}, peak {measured[name]['peak_kv']:.0f}", flush=True)
@@ -110,7 +129,7 @@ def main(argv=None) -> int:
         full = measured["full"]
         for name, m in measured.items():
             rows.append(dict(panel=panel, policy=name, budget=0 if name.split("@")[0] in ("full", "sidequest") else budget,
-                             episodes=len(episodes), **m, peak_vs_full=m["peak_kv"] / full["peak_kv"],
+                             episodes=len(episodes), first_seed=args.first_seed, **m, peak_vs_full=m["peak_kv"] / full["peak_kv"],
                              reads_vs_full=m["kv_reads"] / full["kv_reads"],
                              accuracy_drop_points=100 * (full["accuracy"] - m["accuracy"]),
                              model=path.name, device=device_name))

@@ -77,7 +77,7 @@ def add_arguments(p) -> None:
 
     from kvpilot.tasks import V1_DIFFICULTIES
 
-    p.add_argument("--model", help="Hugging Face-format checkpoint directory, or a bundled model by name: reasoner (the default), reasoner-v2")
+    p.add_argument("--model", help="Hugging Face-format checkpoint directory, or a bundled model by name: reasoner-v2 (the default), reasoner (v1)")
     p.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, help="tokens of reference traces to run")
     p.add_argument("--seed", type=int, default=0, help="which episodes (seeds >= 2,000,000, never evaluation's)")
     p.add_argument("--difficulties", default=",".join(V1_DIFFICULTIES), help="comma-separated task difficulties")

@@ -8,24 +8,26 @@ from pathlib import Path
 import torch
 
 ASSETS = Path(__file__).resolve().parent / "assets"
-BUNDLED_MODEL = ASSETS / "reasoner"
 # Checkpoints shipped with the package, by the short name `--model` accepts.
-BUNDLED_MODELS = {"reasoner": BUNDLED_MODEL, "reasoner-v2": ASSETS / "reasoner-v2",
+BUNDLED_MODELS = {"reasoner": ASSETS / "reasoner",  # v1: 6 heads over 6 KV heads, the earlier tables' model
+                  "reasoner-v2": ASSETS / "reasoner-v2",  # grouped-query attention, long traces: the default
                   "reasoner-v2-sidequest": ASSETS / "reasoner-v2-sidequest",  # v2 fine-tuned for SideQuest
                   "reasoner-v2-breadcrumbs": ASSETS / "reasoner-v2-breadcrumbs"}  # v2 + beacons (Breadcrumbs)
+DEFAULT_MODEL_NAME = "reasoner-v2"
+BUNDLED_MODEL = BUNDLED_MODELS[DEFAULT_MODEL_NAME]  # what a command runs without --model
 CACHE_DIR = Path(os.environ.get("KVPILOT_HOME", Path.home() / ".cache" / "kvpilot"))
 
 
 def default_model_path() -> Path:
-    """The bundled trained model when present, else a small random-weight model made on first use."""
+    """The bundled default model (reasoner v2) when present, else a small random-weight model made on first use."""
     if (BUNDLED_MODEL / "config.json").is_file():
         return BUNDLED_MODEL
     return ensure_random_model(CACHE_DIR / "random-llama-tiny")
 
 
 def resolve_model(model: str | Path | None) -> Path:
-    """`--model`: a checkpoint directory, a bundled model's short name (`reasoner`, `reasoner-v2`), or None for
-    the default. A directory of that name in the working directory wins over the bundled one."""
+    """`--model`: a checkpoint directory, a bundled model's short name (`reasoner-v2`, v1's `reasoner`, ...), or
+    None for the default (reasoner-v2). A directory of that name in the working directory wins over the bundled one."""
     if model is None or str(model) == "":
         return default_model_path()
     path = Path(model)

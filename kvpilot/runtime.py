@@ -74,7 +74,7 @@ def build_engine(opts: RuntimeOptions) -> Engine:
 
 
 def add_runtime_arguments(parser) -> None:
-    parser.add_argument("--model", help="Hugging Face-format checkpoint directory, or a bundled model by name: reasoner (the default), reasoner-v2")
+    parser.add_argument("--model", help="Hugging Face-format checkpoint directory, or a bundled model by name: reasoner-v2 (the default), reasoner (v1)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="weights/KV dtype (default: the checkpoint's)")
     parser.add_argument("--kv-pool-mb", type=int, default=256, help="KV pool size in MiB (preallocated)")

@@ -1,4 +1,4 @@
-"""The committed reasoning model: loads both ways, matches transformers, and still solves the tasks."""
+"""The committed reasoning models (v2, the default, and v1): load both ways, match transformers, still solve the tasks."""
 from __future__ import annotations
 
 import json
@@ -7,39 +7,43 @@ from pathlib import Path
 import pytest
 import torch
 
-import kvpilot
 from decoder_service.checkpoint import load_checkpoint
+from kvpilot.models import BUNDLED_MODELS, DEFAULT_MODEL_NAME
 from kvpilot.tasks import TASKS, make_episode
 from kvpilot.tasks.vocab import VOCAB
 from kvpilot.training import quick_eval
 
-MODEL_DIR = Path(kvpilot.__file__).parent / "assets" / "reasoner"
 EPISODES = 10  # per task, held-out seeds 0..9 (training seeds are >= 1,000,000)
 FLOOR = 0.7  # the full evaluation (training.json) measures >= 0.9 on 200 episodes per task
 
 
+@pytest.fixture(scope="module", params=[DEFAULT_MODEL_NAME, "reasoner"])
+def model_dir(request) -> Path:
+    return BUNDLED_MODELS[request.param]
+
+
 @pytest.fixture(scope="module")
-def loaded():
+def loaded(model_dir):
     torch.set_num_threads(2)
-    return load_checkpoint(MODEL_DIR)
+    return load_checkpoint(model_dir)
 
 
-def test_files_and_config(loaded):
+def test_files_and_config(loaded, model_dir):
     for name in ("config.json", "model.safetensors", "tokenizer.json", "training.json"):
-        assert (MODEL_DIR / name).is_file()
-    assert (MODEL_DIR / "model.safetensors").stat().st_size < 50 * 2**20
-    config = json.loads((MODEL_DIR / "config.json").read_text())
+        assert (model_dir / name).is_file()
+    assert (model_dir / "model.safetensors").stat().st_size < 50 * 2**20
+    config = json.loads((model_dir / "config.json").read_text())
     assert config["bos_token_id"] == VOCAB.index("<bos>")
     assert config["eos_token_id"] == VOCAB.index("<eos>")
     assert config["vocab_size"] == len(VOCAB) == loaded.tokenizer.vocab_size
     assert config["max_position_embeddings"] >= 1024
-    training = json.loads((MODEL_DIR / "training.json").read_text())
+    training = json.loads((model_dir / "training.json").read_text())
     assert {"recipe", "steps", "train_wall_minutes", "eval"} <= training.keys()
 
 
-def test_logits_match_transformers(loaded):
+def test_logits_match_transformers(loaded, model_dir):
     import transformers  # a test dependency (pyproject [test]): missing, this fails rather than skips
-    hf = transformers.LlamaForCausalLM.from_pretrained(MODEL_DIR, torch_dtype=torch.float32).eval()
+    hf = transformers.LlamaForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
     episode = make_episode("multihop", 0, "hard")
     ids = torch.tensor([loaded.tokenizer.encode(episode.training_text, add_bos=True)])
     positions = torch.arange(ids.shape[1])[None]
@@ -97,10 +101,10 @@ def test_recent_window_cache_hurts_multihop(loaded):
 
 
 @pytest.fixture(scope="module")
-def engine():
+def engine(model_dir):
     from kvpilot.runtime import RuntimeOptions, build_engine
 
-    return build_engine(RuntimeOptions(model=str(MODEL_DIR), threads=2))
+    return build_engine(RuntimeOptions(model=str(model_dir), threads=2))
 
 
 @pytest.mark.parametrize("task", sorted(TASKS))

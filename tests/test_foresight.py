@@ -361,6 +361,10 @@ def test_rl_stage_refuses_bad_settings(tmp_path):
 
     with pytest.raises(SystemExit, match="--group must be in"):
         main(["train-scorer", "foresight", "--stage", "rl", "--group", "1", "--work-dir", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--difficulty takes easy, default, hard, long"):
+        main(["train-scorer", "foresight", "--difficulty", "default,extreme", "--work-dir", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--tasks takes a comma-separated list"):
+        main(["train-scorer", "foresight", "--tasks", "sudoku", "--work-dir", str(tmp_path)])
     with pytest.raises(SystemExit, match="no supervised weights"):
         main(["train-scorer", "foresight", "--stage", "rl", "--init", str(tmp_path / "none.safetensors"),
               "--work-dir", str(tmp_path)])

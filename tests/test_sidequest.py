@@ -82,7 +82,7 @@ def test_side_examples_follow_the_runtime_world():
         for t in side_boundaries(episode, every):
             words, mask, positions = side_example(episode, every, t)
             gone, answer = dropped_before(episode, every, t)
-            assert answer == [k for k in range(t + 1) if last[k] <= t and k not in gone]
+            assert all(last[k] <= t + 1 for k in answer) and not set(answer) & gone
             assert words[words.index(TRIGGER) + 1:] == answer_words(answer)
             assert [w for w, m in zip(words, mask) if m] == answer_words(answer)  # only the answer is scored
             tool_ids = [int(w[1:]) for i, w in enumerate(words[:words.index(TRIGGER)]) if i and words[i - 1] == "<tool>"]
@@ -91,6 +91,17 @@ def test_side_examples_follow_the_runtime_world():
             # Positions keep the gaps the deletions left (the cache keeps positions).
             assert positions[words.index(TRIGGER)] == 1 + sum(len(text.split()) for text in
                                                               [episode.prompt] + [x for _, x in episode.reference[:2 * t + 2]])
+
+
+def test_a_side_thread_names_the_output_its_turn_is_reading():
+    """Hand-made chain (hard multihop: output #k read by turn k + 1 only, #0 again by the final turn): the
+    deletion lands when the turn in progress ends, after its read, so the side thread after output #t names #t."""
+    episode = make_episode("multihop", 5, "hard")
+    outputs = sum(1 for role, _ in episode.reference if role == "tool")
+    assert [dropped_before(episode, 1, t)[1] for t in side_boundaries(episode, 1)] == \
+        [[]] + [[t] for t in range(1, outputs - 1)]
+    assert [dropped_before(episode, 2, t)[1] for t in side_boundaries(episode, 2)] == \
+        [[1]] + [[t - 1, t] for t in range(3, outputs - 1, 2)]
 
 
 # ---- the policy --------------------------------------------------------------------------------------------
@@ -102,7 +113,7 @@ def side_frame(event: str, outputs: int, answer: str = "", cut: bool = False) ->
 
 
 def test_policy_asks_every_k_outputs_and_turns_answers_into_spans():
-    policy = SideQuest(every=2, max_side_tokens=20)
+    policy = SideQuest(every=2, max_side_tokens=20, protect_latest=1)
     assert policy.plan(side_frame("turn", 1)) is None
     plan = policy.plan(side_frame("turn", 4))
     assert isinstance(plan, SideThreadPlan) and plan.prompt == TRIGGER and plan.max_tokens == 20 and plan.stop == "."

@@ -5,7 +5,10 @@ A side thread at boundary t runs after tool output #t (every `every` outputs, th
 main context as the runtime forks it: `<bos>`, the prompt, the turns and outputs up to #t, minus the outputs that
 earlier side threads deleted (their positions stay as they were: a deletion removes KV slots, it does not
 renumber positions), then the trigger at the next position; it answers with the outputs it may delete: every
-output still there whose last use is at or before turn t. [INFERRED] The label is the episode's true last use,
+output still there whose last use is at or before turn t + 1, the turn in progress. A deletion lands when that
+turn ends, after its last read, so the output the turn is reading (#t) is named too: waiting for the next side
+thread would keep it one more turn (measured: the peak then stays at 0.58 of the full cache's on hard multihop,
+with the lag of one turn the floor). [INFERRED] The label is the episode's true last use,
 future returns included, which the side thread cannot always foresee from what it sees (a return's entity is
 named only when the walk gets there); the runtime counts a dropped output that was needed again (the agent
 re-issues the call).
@@ -21,6 +24,12 @@ from policy_service.sidequest_grammar import TRIGGER, answer_words
 EVERY_CHOICES = (1, 2, 3, 4)  # cadences seen in training (the policy's `every`)
 
 
+def obsolete(last: list[int], boundary: int, gone: set[int]) -> list[int]:
+    """The outputs a side thread after output #boundary names: read for the last time by turn boundary + 1 (the
+    turn in progress, whose end the deletion waits for) or earlier, and not deleted yet."""
+    return [k for k in range(boundary + 1) if last[k] <= boundary + 1 and k not in gone]
+
+
 def side_boundaries(episode: Episode, every: int) -> list[int]:
     """Tool outputs after which a side thread runs: #every-1, #2*every-1, ... (not after the last output)."""
     outputs = sum(1 for role, _ in episode.reference if role == "tool")
@@ -32,7 +41,7 @@ def dropped_before(episode: Episode, every: int, boundary: int) -> tuple[set[int
     last = last_uses(episode)
     gone: set[int] = set()
     for t in side_boundaries(episode, every):
-        answer = [k for k in range(t + 1) if last[k] <= t and k not in gone]
+        answer = obsolete(last, t, gone)
         if t == boundary:
             return gone, answer
         gone |= set(answer)
@@ -90,7 +99,7 @@ def main_trace_with_drops(episode: Episode, every: int) -> tuple[list[str], list
     gone: set[int] = set()
     last = last_uses(episode)
     for t in side_boundaries(episode, every):
-        answer = [k for k in range(t + 1) if last[k] <= t and k not in gone]
+        answer = obsolete(last, t, gone)
         gone |= set(answer)
         if t + 1 < len(starts):  # applied at the end of turn t + 1: output #t+1 and later do not see them
             hidden += [(starts[k][0], starts[k][1], starts[t + 1][0]) for k in answer]

@@ -42,7 +42,7 @@ from kvpilot.bench.fidelity import references, replay
 from kvpilot.evaluate import compression_for, episodes_for, mean_reference_tokens
 from kvpilot.models import resolve_model
 from kvpilot.runtime import RuntimeOptions, build_engine
-from kvpilot.tasks import make_episode
+from kvpilot.tasks import DIFFICULTIES, TASKS, make_episode
 from kvpilot.training.train_model import TRAIN_SEED_BASE
 from kvpilot_protocol.features import encode_feature_weights
 from kvpilot_protocol.frame import StatsFrame
@@ -226,12 +226,13 @@ def train(events: list[Compression], held_out: list[Compression], head_dim: int,
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("scorer", choices=["foresight"], help="the learned scorer to train")
-    p.add_argument("--model", help="checkpoint directory, or a bundled model by name: reasoner (the default), reasoner-v2")
+    p.add_argument("--model", help="checkpoint directory, or a bundled model by name: reasoner-v2 (the default), reasoner (v1)")
     p.add_argument("--out", type=Path, help=f"weights file (default: {WEIGHTS_FILE} beside the model)")
     p.add_argument("--work-dir", type=Path, default=Path("runs") / "foresight",
                    help="collected compressions (reused by a rerun: delete to recollect) and the curve")
     p.add_argument("--tasks", default="multihop,variables,graph")
-    p.add_argument("--difficulty", default="default")
+    p.add_argument("--difficulty", default="default",
+                   help=f"task difficulty, or a comma-separated mix ({', '.join(DIFFICULTIES)}): traces of each")
     p.add_argument("--episodes", type=int, default=24, help="training traces per task")
     p.add_argument("--eval-episodes", type=int, default=6, help="held-out traces per task (evaluation seeds)")
     p.add_argument("--fracs", default="0.25,0.5", help="budgets as fractions of the mean trace")
@@ -285,6 +286,14 @@ def validate(args) -> None:
     fracs = [float(f) for f in args.fracs.split(",") if f]
     if not fracs or not all(0 < f < 1 for f in fracs):
         raise SystemExit(f"train-scorer: --fracs must be fractions in (0, 1) (got {args.fracs!r})")
+    difficulties = [d for d in args.difficulty.split(",") if d]
+    if not difficulties or not set(difficulties) <= set(DIFFICULTIES):
+        raise SystemExit(f"train-scorer: --difficulty takes {', '.join(DIFFICULTIES)} or a comma-separated mix "
+                         f"(got {args.difficulty!r})")
+    tasks = [t for t in args.tasks.split(",") if t]
+    if not tasks or not set(tasks) <= set(TASKS):
+        raise SystemExit(f"train-scorer: --tasks takes a comma-separated list of {', '.join(sorted(TASKS))} "
+                         f"(got {args.tasks!r})")
 
 
 def run(args) -> int:
@@ -316,14 +325,15 @@ def run(args) -> int:
         engine = build_engine(RuntimeOptions(model=str(model_dir), threads=args.threads))
         data = {"settings": settings, "train": [], "held_out": []}
         for task in tasks:
-            print(f"{task}: training traces (seeds from {TRAIN_SEED_BASE + args.seed})")
-            train_eps = [make_episode(task, TRAIN_SEED_BASE + args.seed + i, args.difficulty)
-                         for i in range(args.episodes)]
-            data["train"] += collect(engine, train_eps, fracs, args.interval, args.window, args.sinks,
-                                     record_every=args.record_every)
-            print(f"{task}: held-out traces (evaluation seeds 0..{args.eval_episodes - 1})")
-            data["held_out"] += collect(engine, episodes_for(task, args.eval_episodes, args.difficulty), fracs,
-                                        args.interval, args.window, args.sinks, record_every=args.record_every)
+            for difficulty in args.difficulty.split(","):  # budgets are fractions of each difficulty's mean trace
+                print(f"{task}/{difficulty}: training traces (seeds from {TRAIN_SEED_BASE + args.seed})")
+                train_eps = [make_episode(task, TRAIN_SEED_BASE + args.seed + i, difficulty)
+                             for i in range(args.episodes)]
+                data["train"] += collect(engine, train_eps, fracs, args.interval, args.window, args.sinks,
+                                         record_every=args.record_every)
+                print(f"{task}/{difficulty}: held-out traces (evaluation seeds 0..{args.eval_episodes - 1})")
+                data["held_out"] += collect(engine, episodes_for(task, args.eval_episodes, difficulty), fracs,
+                                            args.interval, args.window, args.sinks, record_every=args.record_every)
         torch.save(data, cache)
     collected_s = time.time() - started
     if not data["train"] or not data["held_out"]:

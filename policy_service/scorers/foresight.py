@@ -54,7 +54,7 @@ WINDOW_QUERIES = 128
 DECAY = 0.9
 
 
-def bundled_weights_path(model: str = "reasoner") -> Path:
+def bundled_weights_path(model: str = "reasoner-v2") -> Path:
     """The weights file beside a bundled model (read as data: no kvpilot import)."""
     spec = importlib.util.find_spec("kvpilot")
     root = Path(next(iter(spec.submodule_search_locations))) if spec and spec.submodule_search_locations else Path(".")
@@ -62,7 +62,7 @@ def bundled_weights_path(model: str = "reasoner") -> Path:
 
 
 def default_weights_path() -> Path:
-    """KVPILOT_FORESIGHT_WEIGHTS, else the file beside the bundled reasoner."""
+    """KVPILOT_FORESIGHT_WEIGHTS, else the file beside the default bundled model (reasoner v2)."""
     if os.environ.get("KVPILOT_FORESIGHT_WEIGHTS"):
         return Path(os.environ["KVPILOT_FORESIGHT_WEIGHTS"])
     return bundled_weights_path()
@@ -165,7 +165,7 @@ class Foresight(Scorer):
     stats: ClassVar[frozenset[str]] = frozenset({"kv_features", "attention_features", *CARRIED})
 
     # A weights file's path, a bundled model's name (`reasoner`, `reasoner-v2`: the file beside it), or "" for
-    # the default (KVPILOT_FORESIGHT_WEIGHTS, else beside the bundled reasoner).
+    # the default (KVPILOT_FORESIGHT_WEIGHTS, else beside the default model, reasoner v2).
     weights: str = ""
     sample: bool = True  # topk_prob_sample (paper); false: evict the top eviction scores
 

@@ -16,7 +16,7 @@ kvpilot/assets/reasoner-v2-sidequest (`kvpilot train-model --sidequest-share`); 
 which parses as malformed and drops nothing.
 
 [INFERRED] where the method notes are silent: the cadence counts tool outputs (`every`), the newest
-`protect_latest` outputs are never dropped (the next turn reads them), the side thread is greedy with a
+`protect_latest` outputs (0 by default) are never dropped, the side thread is greedy with a
 token allowance of `max_side_tokens` and stops at the grammar's `.`.
 """
 from __future__ import annotations
@@ -37,9 +37,11 @@ class SideQuest(Scorer):
 
     name: ClassVar[str] = "sidequest"
     stats: ClassVar[frozenset[str]] = frozenset({"side_thread"})
-    every: int = 2  # tool outputs between side threads
+    every: int = 1  # tool outputs between side threads (1: a side thread at every tool output)
     max_side_tokens: int = 34  # the side thread's token allowance (every id of the grammar + its end)
-    protect_latest: int = 1  # the newest tool outputs are never dropped
+    # The newest tool outputs are never dropped. 0 by default: the model names the output its turn is reading only
+    # because the drop waits for that turn's end (the labels of kvpilot/training/sidequest_data.py).
+    protect_latest: int = 0
     base: str = ""  # token-level policy under a budget ("" = keep the most recent tokens)
 
     def validate(self) -> None:
