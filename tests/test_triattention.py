@@ -184,11 +184,13 @@ def test_calibrate_command_writes_the_file(make_checkpoint, tmp_path):
     assert meta["weights_sha256"] == cal.weights_fingerprint(model_dir)
 
 
-def test_the_bundled_model_ships_a_matching_calibration():
-    from kvpilot.models import BUNDLED_MODEL
+@pytest.mark.parametrize("name", ["reasoner-v2", "reasoner"])
+def test_the_bundled_models_ship_a_matching_calibration(name):
+    from kvpilot.models import BUNDLED_MODELS
 
-    loaded = load_checkpoint(BUNDLED_MODEL)
-    assert loaded.calibration is not None and loaded.calibration.shape == (4, 6, 16)
+    loaded = load_checkpoint(BUNDLED_MODELS[name])
+    c = loaded.config  # one pre-RoPE query centre per (layer, query head, frequency)
+    assert loaded.calibration is not None and loaded.calibration.shape == (c.num_layers, c.num_heads, c.head_dim // 2)
     assert int(loaded.calibration.metadata["tokens"]) >= 10_000
 
 
