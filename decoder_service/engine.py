@@ -236,6 +236,10 @@ class Engine:
     def add_request(self, request: GenerationRequest, emit: Callable[[Event], None]) -> Sequence:
         """Validate and queue a request. Raises a RequestError (nothing is queued then)."""
         description = self._validate(request)
+        if request.fork_lease and (request.fork_of is None or request.compression.policy != "full"
+                                   or request.compression.bounded):
+            raise InvalidRequest("fork_lease is for a fork that only appends: it needs fork_of and no compression "
+                                 f"(got fork_of={request.fork_of!r}, policy {request.compression.policy!r})")
         parent = self._fork_parent(request) if request.fork_of is not None else None
         session = self._open_session(request)
         history = session.token_ids if session else []
@@ -308,6 +312,13 @@ class Engine:
         self.failures[error.code] = self.failures.get(error.code, 0) + 1
         self.metrics.request_failures.add(1, {"rpc.grpc.status_code": error.code})
         self._retire(seq)
+
+    def _end_broken_leases(self) -> None:
+        """End the lease forks whose parent rewrote a leased block last step (before they read it again)."""
+        broken = self.pool.take_broken()
+        for seq in [s for s in self.running if broken and s.kv is not None and s.kv.owner in broken]:
+            seq.finish_reason = FinishReason.ABORT
+            self._retire(seq)
 
     def abort(self, request_id: str) -> bool:
         """Cancel a request, all its samples: their slots are freed now (a session keeps what was computed)."""
@@ -548,7 +559,8 @@ class Engine:
         if parent.next_position + new > context:
             raise InvalidRequest(f"fork_of: the parent is at position {parent.next_position}; {new} more tokens "
                                  f"exceed the model's context of {context}; lower max_new_tokens")
-        worst = self.pool.blocks_for(slots) + len(parent.kv.blocks)  # its growth + a copy of every shared block
+        # Its growth + a copy of every shared block (a lease: of the partly filled last one only).
+        worst = self.pool.blocks_for(slots) + (1 if seq.request.fork_lease else len(parent.kv.blocks))
         if worst > self.pool.num_blocks:
             raise ResourceExhausted(f"fork_of: the fork may need {worst} KV blocks but the pool holds "
                                     f"{self.pool.num_blocks}; lower max_new_tokens or set a compression budget")
@@ -607,7 +619,7 @@ class Engine:
                 if resident is not None:
                     seq.kv = self.pool.resize(resident[0].owner, slots)
                 elif parent is not None:
-                    seq.kv = self.pool.fork(parent.kv.owner, uuid.uuid4().hex, slots)
+                    seq.kv = self.pool.fork(parent.kv.owner, uuid.uuid4().hex, slots, lease=seq.request.fork_lease)
                 else:
                     seq.kv = self.pool.allocate(uuid.uuid4().hex, slots)
                 break
@@ -715,6 +727,7 @@ class Engine:
     # ---- the step -----------------------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> bool:
+        self._end_broken_leases()
         self._expire_waiting()
         self._admit()
         batch = self._schedule()

@@ -64,6 +64,9 @@ class SequenceKV:
     capacity: int  # slots reserved: the sequence never holds more (admission control counted them)
     blocks: list[int] = field(default_factory=list)  # block table: physical block of logical block i
     n: int = 0  # valid slots in every (layer, KV head) row
+    # Blocks held by lease (a side-thread fork): no private copy was promised for them; if their other holder
+    # rewrites one, this sequence is broken (KVPool.take_broken) and must end before it reads again.
+    leased: set[int] = field(default_factory=set)
     _slot_map: Tensor | None = None
 
     @property
@@ -92,7 +95,7 @@ class SequenceKV:
         bs = self.pool.block_size
         # Copy-on-write: every shared block the new tokens land in (the partly filled last one, in practice).
         for index in range(self.n // bs, min(len(self.blocks), self.pool.blocks_for(self.n + t))):
-            if self.pool.refcount[self.blocks[index]] > 1:
+            if self.pool.needs_copy(self, index):
                 self.pool.copy_on_write(self, index)
         while len(self.blocks) * bs < self.n + t:
             self.pool.take_block(self)
@@ -190,7 +193,12 @@ class KVPool:
         self.refcount = [0] * self.num_blocks
         self._free_blocks: list[int] = list(range(self.num_blocks - 1, -1, -1))  # a stack: lowest ids first
         self._sequences: dict[str, SequenceKV] = {}
-        self._shared_extra = 0  # sum over shared blocks of (refcount - 1): the copies copy-on-write may still make
+        # Sum over shared blocks of (refcount - leases - 1): the copies copy-on-write may still make. A lease (a
+        # side-thread fork's hold on a full block it only reads) is not promised a copy.
+        self._shared_extra = 0
+        self.leases = [0] * self.num_blocks
+        self._lease_holds = 0  # sum of `leases`
+        self._broken: set[str] = set()  # lease holders whose leased blocks were rewritten under them
 
     @classmethod
     def for_model(cls, config, capacity_bytes: int, dtype: torch.dtype, device,
@@ -304,17 +312,26 @@ class KVPool:
 
     def free(self, owner: str) -> None:
         seq = self._sequences.pop(owner, None)
+        self._broken.discard(owner)
         if seq is not None:
             for block in seq.blocks:
-                self._release(block)
+                self._release(block, lease=block in seq.leased)
+            seq.leased.clear()
             seq.blocks = []
             seq._slot_map = None
             seq.n = 0
 
-    def fork(self, parent: str, child: str, slots: int | None = None) -> SequenceKV:
+    def fork(self, parent: str, child: str, slots: int | None = None, lease: bool = False) -> SequenceKV:
         """A child sequence that shares all of the parent's blocks copy-on-write (SideQuest's side thread, n > 1
         samples). `slots`: the child's reservation (default: the parent's). Neither ever writes a block the
-        other holds; freeing the child frees only blocks no one else holds."""
+        other holds; freeing the child frees only blocks no one else holds.
+
+        `lease`: for a child that only appends (a side thread): its full shared blocks are leased, with no
+        private copy promised, so the fork costs its growth and one block (the partly filled last one) instead
+        of a copy of the whole context. If the parent rewrites a leased block (a compaction), it writes in
+        place and the child is broken: the engine ends it (take_broken) at the start of its next step, before it
+        reads again and before anything is admitted; until then the blocks the parent gave back stay the child's,
+        so the promises are whole again only once it ends."""
         src = self._sequences[parent]
         if child in self._sequences:
             raise ValueError(f"{child} already holds a reservation")
@@ -325,8 +342,13 @@ class KVPool:
         seq = SequenceKV(owner=child, pool=self, capacity=slots, blocks=list(src.blocks[:self.blocks_for(src.n)]),
                          n=src.n)
         before = self.promised_blocks
-        for block in seq.blocks:
-            self._share(block)
+        full = src.n // self.block_size
+        for index, block in enumerate(seq.blocks):
+            if lease and index < full:
+                self._adjust(block, refs=1, leases=1)
+                seq.leased.add(block)
+            else:
+                self._share(block)
         self._sequences[child] = seq
         # The promise now covers the child's growth and one private copy of every block it shares.
         if self.free_blocks < self.promised_blocks:
@@ -353,6 +375,25 @@ class KVPool:
         seq._slot_map = None
         return block
 
+    def needs_copy(self, seq: SequenceKV, index: int) -> bool:
+        """Before `seq` writes its logical block `index`: True when another holder keeps a promised share (copy
+        first). Held besides `seq` only by leases, the block is written in place and the lease holders are
+        broken (their answer is void; the engine ends them)."""
+        block = seq.blocks[index]
+        if self.refcount[block] == 1:
+            return False
+        if block in seq.leased:
+            raise RuntimeError(f"{seq.owner} would write block {block} it only leases (a lease fork only appends)")
+        if self.refcount[block] - self.leases[block] > 1:
+            return True
+        self._broken.update(s.owner for s in self._sequences.values() if block in s.leased)
+        return False
+
+    def take_broken(self) -> set[str]:
+        """Lease holders broken since the last call (the engine ends them before they read again)."""
+        broken, self._broken = self._broken, set()
+        return broken
+
     def copy_on_write(self, seq: SequenceKV, index: int) -> None:
         """Give `seq` a private copy of its logical block `index` (shared with another sequence)."""
         old = seq.blocks[index]
@@ -371,32 +412,41 @@ class KVPool:
 
     def make_private(self, seq: SequenceKV, slots: int) -> None:
         """Copy every shared block among the first `slots` logical slots of `seq` (before a rewrite)."""
-        if not self._shared_extra:  # nothing is shared anywhere (no fork alive)
+        if not self._shared_extra and not self._lease_holds:  # nothing is shared anywhere (no fork alive)
             return
         for index in range(min(len(seq.blocks), self.blocks_for(slots))):
-            if self.refcount[seq.blocks[index]] > 1:
+            if self.needs_copy(seq, index):
                 self.copy_on_write(seq, index)
 
     def truncate(self, seq: SequenceKV, n: int) -> None:
         """Set the valid count to n and give back the blocks past it."""
         keep = self.blocks_for(n)
         for block in seq.blocks[keep:]:
-            self._release(block)
+            self._release(block, lease=block in seq.leased)
+            seq.leased.discard(block)
         if len(seq.blocks) > keep:
             del seq.blocks[keep:]
             seq._slot_map = None
         seq.n = n
 
-    def _share(self, block: int) -> None:
-        self.refcount[block] += 1
-        self._shared_extra += 1
+    def _copies(self, block: int) -> int:
+        """Private copies of `block` still promised: one per holder beyond the first, leases excepted."""
+        return max(0, self.refcount[block] - self.leases[block] - 1)
 
-    def _release(self, block: int) -> None:
-        self.refcount[block] -= 1
-        if self.refcount[block] >= 1:
-            self._shared_extra -= 1
-        else:
+    def _adjust(self, block: int, refs: int, leases: int = 0) -> None:
+        before = self._copies(block)
+        self.refcount[block] += refs
+        self.leases[block] += leases
+        self._lease_holds += leases
+        self._shared_extra += self._copies(block) - before
+        if self.refcount[block] == 0:
             self._free_blocks.append(block)
+
+    def _share(self, block: int) -> None:
+        self._adjust(block, refs=1)
+
+    def _release(self, block: int, lease: bool = False) -> None:
+        self._adjust(block, refs=-1, leases=-1 if lease else 0)
 
     def check_consistency(self) -> None:
         """Reference counts equal table occurrences, free blocks are exactly the unreferenced ones, no sequence
@@ -410,5 +460,11 @@ class KVPool:
         assert counts == self.refcount, "reference counts differ from the block tables"
         free = sorted(self._free_blocks)
         assert free == [b for b in range(self.num_blocks) if counts[b] == 0], "free list differs from unreferenced blocks"
-        assert self._shared_extra == sum(c - 1 for c in counts if c > 1), "shared-copy count is off"
+        leases = [0] * self.num_blocks
+        for seq in self._sequences.values():
+            assert seq.leased <= set(seq.blocks), f"{seq.owner} leases blocks it does not hold"
+            for block in seq.leased:
+                leases[block] += 1
+        assert leases == self.leases, "lease counts differ from the sequences' leased blocks"
+        assert self._shared_extra == sum(max(0, c - l - 1) for c, l in zip(counts, leases)), "shared-copy count is off"
         assert self.promised_blocks <= self.free_blocks, "promised more blocks than are free"

@@ -181,6 +181,10 @@ class GenerationRequest:
     # parent's KV blocks copy-on-write and appends its input after the parent's computed tokens (a side thread
     # that reads the main context without copying it, or several samples of one prefix). Engine-level for now.
     fork_of: str | None = None
+    # With fork_of, for a fork that only appends (a side thread, no compression): lease the parent's full blocks
+    # instead of being promised a private copy of each (decoder_service/kv_pool.py, KVPool.fork). If the parent
+    # rewrites them (a compaction), this fork ends at once with finish reason ABORT, its answer void.
+    fork_lease: bool = False
     # ---- evaluation only: set by in-process harnesses (kvpilot eval, bench pareto / fidelity), never from gRPC ----
     # Golden Eviction's oracle (decoder_service/oracle.py): the reference trace's future attention, for a policy
     # that declares the `future_attention` statistic. Its block grid must match this request's compression.

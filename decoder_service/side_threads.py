@@ -6,7 +6,9 @@ For a session turn whose policy declares `side_thread` (policy_service/scorers/s
                 statistics);
   fork          on a SideThreadPlan the decoder forks the running turn's cache copy-on-write
                 (GenerationRequest.fork_of) and runs the plan's prompt greedily as one more sequence in the
-                batch; the main thread is not paused, and the fork's tokens go nowhere but its answer;
+                batch; the main thread is not paused, and the fork's tokens go nowhere but its answer. The fork
+                leases the turn's full blocks (fork_lease: no private copy promised, so under memory pressure
+                it still starts); a compaction of the main thread while it runs ends it, answer void (cut);
   answer frame  when the fork finishes (or is cut at its allowance), its text goes back to the policy ("answer"
                 frame), which returns the spans to drop (SpanDrop);
   drop          the spans drop at the session's next turn boundary: when the running turn ends, before its KV
@@ -142,7 +144,7 @@ class SideThreads:
             input_ids=engine.tokenizer.encode(plan.prompt),
             sampling=SamplingParams(temperature=0.0, max_new_tokens=plan.max_tokens,
                                     stop=[plan.stop] if plan.stop else []),
-            compression=CompressionConfig(), fork_of=seq.id)
+            compression=CompressionConfig(), fork_of=seq.id, fork_lease=True)
         started = time.monotonic()
 
         def on_event(event) -> None:

@@ -86,3 +86,48 @@ def test_a_fork_inherits_the_statistics_of_the_slots_it_shares(make_engine):
     # The child's first step added its own attention on top of what it inherited: never less, and not from zero.
     assert bool((seen["child"] >= seen["parent"] - 1e-6).all()) and seen["parent"].sum() > 0
     assert engine.pool.used_blocks == 0
+
+
+def test_a_lease_fork_ends_when_its_parent_compacts_and_the_parent_is_unchanged(make_engine):
+    """A side thread's fork leases the parent's full blocks; a compaction of the parent breaks it: it ends with
+    ABORT (its answer void) at the next step, the parent's output is the same as alone, every block comes back."""
+    from decoder_service.requests import CompressionConfig, FinishReason
+
+    bounded = CompressionConfig(policy="streaming_llm", budget=40, interval=8, window=8)
+    engine = make_engine()
+    [alone] = make_engine().generate([greedy("main", PROMPT, 30, compression=bounded)])
+    seen = {}
+
+    def hook(engine_, seq):
+        if seq.id == "main" and len(seq.generated) == 2 and "forked" not in seen:
+            seen["forked"] = True
+            engine_.add_request(greedy("side", SIDE, 30, fork_of="main", fork_lease=True),
+                                lambda ev: isinstance(ev, FinishEvent) and seen.__setitem__("side", ev))
+        if seq.id == "side" and "leased" not in seen:
+            seen["leased"] = len(seq.kv.leased)
+
+    engine.step_hooks.append(hook)
+    finals = []
+    engine.add_request(greedy("main", PROMPT, 30, compression=bounded),
+                       lambda ev: isinstance(ev, FinishEvent) and finals.append(ev))
+    engine.run_until_done()
+    assert seen["leased"] > 0
+    assert seen["side"].finish_reason == FinishReason.ABORT and seen["side"].usage.generated_tokens < 30
+    assert finals[0].token_ids == alone.token_ids
+    assert engine.pool.used_blocks == 0
+    engine.pool.check_consistency()
+
+
+def test_fork_lease_is_validated(make_engine):
+    from decoder_service.requests import CompressionConfig
+
+    engine = make_engine()
+    with pytest.raises(InvalidRequest, match="fork_lease is for a fork that only appends"):
+        engine.add_request(greedy("side", SIDE, 4, fork_lease=True), lambda ev: None)
+    engine.add_request(greedy("main", PROMPT, 10), lambda ev: None)
+    engine.step()
+    with pytest.raises(InvalidRequest, match="no compression"):
+        engine.add_request(greedy("side", SIDE, 4, fork_of="main", fork_lease=True,
+                                  compression=CompressionConfig(policy="h2o", budget=40)), lambda ev: None)
+    engine.run_until_done()
+    assert engine.pool.used_blocks == 0

@@ -184,8 +184,50 @@ def test_a_shared_block_is_promised_one_copy_per_extra_holder():
     pool.check_consistency()
 
 
+def test_a_lease_fork_is_promised_only_its_growth_and_a_rewrite_breaks_it():
+    """A side thread's fork leases the parent's full blocks: it starts where a copy-promising fork is refused,
+    and a compaction of the parent writes in place and breaks it instead of copying."""
+    pool = make_pool(slots=16)  # 4 blocks
+    parent = pool.allocate("parent", 12)
+    append(parent, 12)  # 3 full blocks, one free
+    with pytest.raises(PoolExhausted, match="fork"):
+        pool.fork("parent", "copying", slots=16)  # would be promised 3 copies + its growth
+    child = pool.fork("parent", "child", slots=16, lease=True)
+    assert child.leased == set(parent.blocks) and pool.promised_blocks == 1  # its growth only
+    append(child, 3, start=100.0)  # a block of its own; the leased ones are never written
+    assert keys_of(child) == [float(i) for i in range(12)] + [100.0, 101.0, 102.0]
+    pool.check_consistency()
+    assert pool.take_broken() == set()
+    parent.compact(torch.tensor([1, 2, 3, 5, 8]))  # no free block for a copy: written in place
+    assert keys_of(parent) == [1.0, 2.0, 3.0, 5.0, 8.0]
+    assert pool.take_broken() == {"child"} and pool.take_broken() == set()
+    with pytest.raises(RuntimeError, match="only leases"):
+        child.compact(torch.tensor([0, 1]))  # a lease holder never rewrites what it leases
+    # Until the broken child ends, the block the parent gave back is still the child's: the parent's promise
+    # (its reservation of 3 blocks) is met again once the engine ends the child, before anything is admitted.
+    assert pool.free_blocks == 0
+    pool.free("child")
+    pool.check_consistency()
+    pool.free("parent")
+    assert pool.free_blocks == pool.num_blocks and pool.promised_blocks == 0
+    pool.check_consistency()
+
+
+def test_a_lease_fork_shares_the_partly_filled_block_with_a_promise():
+    pool = make_pool(slots=32)
+    parent = pool.allocate("parent", 16)
+    append(parent, 6)  # one full block, one half-filled
+    child = pool.fork("parent", "child", slots=10, lease=True)
+    assert child.leased == {parent.blocks[0]} and pool.refcount[parent.blocks[1]] == 2
+    append(parent, 2, start=50.0)  # copies the half-filled block (promised): the child still sees its view
+    append(child, 2, start=100.0)
+    assert keys_of(child) == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 100.0, 101.0]
+    assert keys_of(parent)[6:] == [50.0, 51.0] and pool.take_broken() == set()
+    pool.check_consistency()
+
+
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from(["alloc", "append", "compact", "fork", "free", "resize"]),
+@given(st.lists(st.tuples(st.sampled_from(["alloc", "append", "compact", "fork", "lease", "free", "resize"]),
                           st.integers(0, 4), st.integers(1, 12)), max_size=40))
 def test_random_operations_keep_the_accounting_exact(ops):
     pool = make_pool(slots=48, block_size=4)
@@ -193,7 +235,13 @@ def test_random_operations_keep_the_accounting_exact(ops):
     for op, who, size in ops:
         name = f"s{who}"
         seq = live.get(name)
+        if seq is not None and seq.leased and op in ("compact", "resize"):
+            continue  # a lease fork only appends (the engine gives leases to side threads only)
         try:
+            if op == "lease" and seq is not None:
+                child = f"s{(who + 1) % 5}"
+                if child not in live:
+                    live[child] = pool.fork(name, child, slots=seq.n + size, lease=True)
             if op == "alloc" and seq is None:
                 live[name] = pool.allocate(name, size)
             elif op == "append" and seq is not None:
@@ -212,6 +260,9 @@ def test_random_operations_keep_the_accounting_exact(ops):
                 pool.resize(name, max(size, seq.n))
         except PoolExhausted:
             pass
+        for broken in pool.take_broken():  # the engine ends a broken lease fork before it reads again
+            pool.free(broken)
+            del live[broken]
         pool.check_consistency()
         assert pool.reserved_slots == sum(s.capacity for s in live.values())
         assert pool.free_blocks + len({b for s in live.values() for b in s.blocks}) == pool.num_blocks

@@ -246,9 +246,11 @@ def train_rl(args, model_dir: Path, sl_path: Path, log=print) -> dict:
     base = TRAIN_SEED_BASE + args.seed + RL_SEED_OFFSET
     log("standardisation from golden-trajectory compressions of 2 training traces per task")
     probe = []
+    difficulties = args.difficulty.split(",")  # a mix: one trace pool per (task, difficulty), budgets of its own mean
     for task in tasks:
-        probe += collect(engine, [make_episode(task, base - 1 - i, args.difficulty) for i in range(2)], fracs,
-                         args.interval, args.window, args.sinks, log=lambda *_: None)
+        for difficulty in difficulties:
+            probe += collect(engine, [make_episode(task, base - 1 - i, difficulty) for i in range(2)], fracs,
+                             args.interval, args.window, args.sinks, log=lambda *_: None)
     mean, std = standardisation(probe)
     mlp = unfold(sl, mean, std)
     reference = unfold(sl, mean, std).requires_grad_(False)
@@ -258,10 +260,11 @@ def train_rl(args, model_dir: Path, sl_path: Path, log=print) -> dict:
     engine.compressor.policy = InProcessPolicy({**POLICIES, policy.name: policy})
 
     log(f"reference traces: {args.rl_episodes} training and {args.eval_episodes} held-out per task")
-    train_pool = trace_pool(engine, [[make_episode(t, base + i, args.difficulty) for i in range(args.rl_episodes)]
-                                     for t in tasks], fracs, args.interval, args.window, args.sinks, rng)
-    held_pool = trace_pool(engine, [episodes_for(t, args.eval_episodes, args.difficulty) for t in tasks], fracs,
-                           args.interval, args.window, args.sinks, rng)
+    train_pool = trace_pool(engine, [[make_episode(t, base + i, d) for i in range(args.rl_episodes)]
+                                     for t in tasks for d in difficulties], fracs, args.interval, args.window,
+                            args.sinks, rng)
+    held_pool = trace_pool(engine, [episodes_for(t, args.eval_episodes, d) for t in tasks for d in difficulties],
+                           fracs, args.interval, args.window, args.sinks, rng)
 
     def held_out_penalty(tag: str) -> float:
         rewards, _ = run_rollouts(engine, sink, held_pool, 1, args.interval, args.window, args.sinks, tag, policy.name,
