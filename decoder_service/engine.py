@@ -153,6 +153,9 @@ class Sequence:
     fork_parent: "Sequence | None" = None  # the running sequence whose cache this one shares (GenerationRequest.fork_of)
     next_position: int = 0  # logical position of the next fed token
     position_tokens: list[int] = field(default_factory=list)  # token fed at each logical position
+    # History ranges [start, end) not to prefill: a session's dropped tool outputs (SideQuest) when its parked KV
+    # was lost and the turn re-prefills from the history. Skipped as if prefilled and evicted: positions kept.
+    skip: list[tuple[int, int]] = field(default_factory=list)
     history_positions: list[int] = field(default_factory=list)  # position of each computed history token
     error: RequestError | None = None
     replay: list[ReplayStep] = field(default_factory=list)  # teacher forcing (request.forced_tokens): one per step
@@ -647,6 +650,8 @@ class Engine:
                     stats = parent.stats.clone(seq.kv.capacity, seq.kv.n)  # the inherited slots keep their evidence
             else:
                 seq.restore(Cursor())
+                if seq.session is not None:  # re-prefilling a session from its history: its deletions stand
+                    seq.skip = sorted((g.start, g.end) for g in seq.session.segments if g.dropped)
             spec = seq.spec
             if stats is None and spec.names:
                 c = self.model_config
@@ -707,12 +712,26 @@ class Engine:
                 budget -= 1
         for seq in ready:
             if seq.in_prefill and budget > 0:
+                upto = self._skip_dropped(seq)
                 room = self.compressor.room(seq) if compressing else seq.kv.free_slots
-                chunk = min(seq.pending, self.config.prefill_chunk, budget, room)
+                chunk = min(seq.pending, self.config.prefill_chunk, budget, room, upto)
                 if chunk > 0:
                     batch.append((seq, chunk))
                     budget -= chunk
         return batch
+
+    @staticmethod
+    def _skip_dropped(seq: Sequence) -> int:
+        """Pass over the dropped history ranges the prefill has reached (as if fed and evicted: the positions
+        move on, no slot is written); returns how many tokens may be fed before the next one."""
+        while seq.skip and seq.num_computed >= seq.skip[0][0]:
+            start, end = seq.skip.pop(0)
+            if seq.num_computed != start or seq.next_position != seq.num_computed:
+                continue  # not where the range begins (or positions apart from history): feed it as usual
+            seq.history_positions.extend(range(seq.next_position, seq.next_position + end - start))
+            seq.position_tokens.extend(seq.token_ids[start:end])
+            seq.num_computed, seq.next_position = end, seq.next_position + end - start
+        return seq.skip[0][0] - seq.num_computed if seq.skip else seq.pending
 
     def _run_hooks(self, seq: Sequence, hooks=None) -> None:
         """Run step hooks for one sequence; a hook's fault ends this sequence only."""

@@ -207,6 +207,30 @@ def test_a_side_thread_drops_at_the_turn_boundary_and_never_touches_the_main_thr
     engine.pool.check_consistency()
 
 
+def test_a_session_re_prefilled_after_its_kv_was_dropped_keeps_its_deletions(make_engine):
+    """Memory pressure took the parked KV: the next turn re-prefills from the history, skipping the dropped tool
+    output (positions kept), so it peaks where the turn with the KV still parked does."""
+    side = CompressionConfig(policy="sidequest", params={"every": "1", "max_side_tokens": "4"})
+    peaks = []
+    for lose_kv in (False, True):
+        engine = make_engine()
+        engine.compressor.policy = InProcessPolicy({"sidequest": DropOutputZero})
+        session_turns(engine, side, turns=2)
+        history = len(engine.get_session("s")[0].token_ids)
+        if lose_kv:
+            assert engine._drop_idle_session() and engine.get_session("s")[1] == 0
+        events = []
+        engine.add_request(GenerationRequest("t2", TOOL, SamplingParams(temperature=0, max_new_tokens=6, ignore_eos=True),
+                                             compression=CompressionConfig(), session_id="s",
+                                             input_kind=SegmentKind.TOOL), events.append)
+        engine.run_until_done()
+        assert events[-1].error is None
+        peaks.append((events[-1].usage.peak_kv_slots, engine.get_session("s")[1]))
+        engine.pool.check_consistency()
+    assert peaks[1] == peaks[0]  # same slots with or without the KV kept: output #0 did not come back
+    assert peaks[1][0] == history - len(TOOL) + len(TOOL) + 6 - 1  # history minus #0, the new output, 6 tokens
+
+
 def test_a_side_thread_cut_at_its_allowance_is_void_and_counted(make_engine):
     full, _ = session_turns(make_engine(), CompressionConfig(), turns=3)
     engine = make_engine()
