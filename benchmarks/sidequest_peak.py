@@ -88,8 +88,9 @@ def main(argv=None) -> int:
     if args.pressure_mb is not None and args.pressure_mb <= 0:
         p.error(f"--pressure-mb must be > 0 MiB (got {args.pressure_mb})")
     known = {"full", "sidequest", "sidequest+rkv", *BASELINES}
-    if args.policies is not None and not set(args.policies.split(",")) <= known:
-        p.error(f"--policies: unknown {sorted(set(args.policies.split(',')) - known)}; choose from {sorted(known)}")
+    wanted = None if args.policies is None else set(args.policies.split(","))
+    if wanted is not None and not wanted <= known:
+        p.error(f"--policies: unknown {sorted(wanted - known)}; choose from {sorted(known)}")
     if not 0 <= args.first_seed < 1_000_000:
         p.error(f"--first-seed must be in [0, 1000000) (training episodes use seeds >= 1,000,000; got {args.first_seed})")
     if not 0 <= args.protect_latest <= 8:
@@ -97,7 +98,6 @@ def main(argv=None) -> int:
     dtype, device_name = apply_device_arguments(args)
     path = resolve_model(args.model)
     loaded = load_checkpoint(path, device=args.device, dtype=dtype)
-    wanted = None if args.policies is None else set(args.policies.split(","))
     rows = []
     for panel in args.panels.split(","):
         difficulty, knobs = PANELS[panel]

@@ -319,7 +319,9 @@ class Engine:
     def _end_broken_leases(self) -> None:
         """End the lease forks whose parent rewrote a leased block last step (before they read it again)."""
         broken = self.pool.take_broken()
-        for seq in [s for s in self.running if broken and s.kv is not None and s.kv.owner in broken]:
+        if not broken:
+            return
+        for seq in [s for s in self.running if s.kv is not None and s.kv.owner in broken]:
             seq.finish_reason = FinishReason.ABORT
             self._retire(seq)
 

@@ -315,8 +315,7 @@ class KVPool:
         self._broken.discard(owner)
         if seq is not None:
             for block in seq.blocks:
-                self._release(block, lease=block in seq.leased)
-            seq.leased.clear()
+                self._release(seq, block)
             seq.blocks = []
             seq._slot_map = None
             seq.n = 0
@@ -350,7 +349,7 @@ class KVPool:
             else:
                 self._share(block)
         self._sequences[child] = seq
-        # The promise now covers the child's growth and one private copy of every block it shares.
+        # The promise now covers the child's growth and one private copy of every block it shares but does not lease.
         if self.free_blocks < self.promised_blocks:
             self.free(child)
             raise PoolExhausted(f"fork of {parent} needs {self.promised_blocks - before} more promised blocks; "
@@ -408,7 +407,7 @@ class KVPool:
         self.positions[:, :, dst] = self.positions[:, :, src]
         seq.blocks[index] = new
         seq._slot_map = None
-        self._release(old)
+        self._release(seq, old)
 
     def make_private(self, seq: SequenceKV, slots: int) -> None:
         """Copy every shared block among the first `slots` logical slots of `seq` (before a rewrite)."""
@@ -422,8 +421,7 @@ class KVPool:
         """Set the valid count to n and give back the blocks past it."""
         keep = self.blocks_for(n)
         for block in seq.blocks[keep:]:
-            self._release(block, lease=block in seq.leased)
-            seq.leased.discard(block)
+            self._release(seq, block)
         if len(seq.blocks) > keep:
             del seq.blocks[keep:]
             seq._slot_map = None
@@ -445,8 +443,11 @@ class KVPool:
     def _share(self, block: int) -> None:
         self._adjust(block, refs=1)
 
-    def _release(self, block: int, lease: bool = False) -> None:
-        self._adjust(block, refs=-1, leases=-1 if lease else 0)
+    def _release(self, holder: SequenceKV, block: int) -> None:
+        """`holder` lets go of `block` (its lease, if it leased it)."""
+        leased = block in holder.leased
+        holder.leased.discard(block)
+        self._adjust(block, refs=-1, leases=-1 if leased else 0)
 
     def check_consistency(self) -> None:
         """Reference counts equal table occurrences, free blocks are exactly the unreferenced ones, no sequence

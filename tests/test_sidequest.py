@@ -359,3 +359,17 @@ def test_side_thread_state_goes_with_its_session(make_engine):
     engine.store.delete("s")  # expired or deleted elsewhere
     engine.expire_sessions()
     assert "s" not in engine.side_threads.sessions and engine.pool.used_blocks == 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--policies", "full,nope"], "--policies: unknown"),
+    (["--first-seed", "1000000"], "--first-seed must be in"),
+    (["--protect-latest", "9"], "--protect-latest must be in"),
+    (["--pressure-mb", "0"], "--pressure-mb must be > 0"),
+])
+def test_the_peak_benchmark_refuses_bad_arguments_before_any_work(argv, message, capsys):
+    from benchmarks.sidequest_peak import main
+
+    with pytest.raises(SystemExit):
+        main(argv)
+    assert message in capsys.readouterr().err
