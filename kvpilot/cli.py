@@ -1,4 +1,4 @@
-"""`kvpilot` command line: serve, generate, demo, policies, train-model, train-scorer, eval, bench, calibrate."""
+"""`kvpilot` command line: serve, generate, demo, policies, train-model, train-scorer, train-breadcrumbs-rl, eval, bench, calibrate."""
 from __future__ import annotations
 
 import argparse
@@ -211,6 +211,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train-scorer", help="train a learned KV scorer (foresight) on Golden Eviction labels")
     train_scorer.add_arguments(p)
     p.set_defaults(func=train_scorer.run)
+
+    from kvpilot.training import breadcrumbs_rl
+
+    p = sub.add_parser("train-breadcrumbs-rl",
+                       help="Breadcrumbs' joint stage: RL on exact match + distillation for a beacon-trained student")
+    breadcrumbs_rl.add_arguments(p)
+    p.set_defaults(func=breadcrumbs_rl.run)
     return parser
 
 

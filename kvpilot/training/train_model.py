@@ -565,7 +565,9 @@ def worker(rank: int, args, port: int | None) -> int:
     state_path = out / STATE_FILE
     if args.init_from is not None and not (args.resume and state_path.is_file()):
         step = init_from_checkpoint(model, args.init_from, args.start_step)
-        if args.breadcrumbs:  # the beacon starts as the mean embedding: a neutral point, no particular word
+        # The beacon starts as the mean embedding (a neutral point, no particular word), unless the checkpoint is a
+        # breadcrumbs student already: then its trained beacon is kept and training continues from it.
+        if args.breadcrumbs and not (Path(args.init_from) / "breadcrumbs.json").is_file():
             from kvpilot.training.breadcrumbs import BEACON
 
             with torch.no_grad():
