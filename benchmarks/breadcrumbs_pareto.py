@@ -6,6 +6,10 @@ For each task and c: the student under policy `breadcrumbs:c=C` (a beacon every 
 then each baseline with the budget that gives the same mean peak KV (a budget policy peaks at budget + interval).
 
     python benchmarks/breadcrumbs_pareto.py --model runs/breadcrumbs-export --teacher reasoner-v2 [--cs 4,8,16]
+        [--per-c 4:DIR,8:DIR,16:DIR] [--also rl:DIR]
+
+With --per-c, students trained at one c each run at their own c beside the main (variable-c) student, so the
+table compares the two at equal c; --also adds students run at every c (the RL'd student).
 
 Writes benchmarks/results/breadcrumbs_pareto_<device>.csv and prints the table.
 """
@@ -51,9 +55,27 @@ def auac(points: list[tuple[float, float]], full_kv: float) -> float:
     return area / xs[-1] if xs[-1] else 0.0
 
 
+def parse_students(text: str | None, flag: str) -> list[tuple[str, str]]:
+    """`A:DIR,B:DIR` -> [(A, DIR), (B, DIR)]."""
+    if not text:
+        return []
+    pairs = []
+    for item in text.split(","):
+        key, sep, path = item.partition(":")
+        if not sep or not key or not path:
+            raise SystemExit(f"error: {flag} takes KEY:DIR pairs, comma-separated (got {item!r})")
+        pairs.append((key, path))
+    return pairs
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="the beacon-trained student")
+    p.add_argument("--model", required=True, help="the beacon-trained student (the variable-c one when --per-c is given)")
+    p.add_argument("--label", default=None, help="its name in the table (default: variable-c with --per-c, else student)")
+    p.add_argument("--per-c", default=None, metavar="C:DIR[,C:DIR...]",
+                   help="students trained at one c each, run at their own c beside the main student")
+    p.add_argument("--also", default=None, metavar="NAME:DIR[,...]",
+                   help="more students run at every c (e.g. the main student after the RL stage)")
     p.add_argument("--teacher", default="reasoner-v2", help="the full-cache model the student was trained from")
     p.add_argument("--tasks", default="variables,graph")
     p.add_argument("--difficulty", default="default")
@@ -65,39 +87,64 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=None)
     add_device_arguments(p)
     args = p.parse_args(argv)
+    try:
+        cs = [int(x) for x in args.cs.split(",")]
+    except ValueError:
+        raise SystemExit(f"error: --cs takes comma-separated integers (got {args.cs!r})") from None
+    per_c = parse_students(args.per_c, "--per-c")
+    if any(not key.isdigit() or int(key) not in cs for key, _ in per_c):
+        raise SystemExit(f"error: --per-c keys must be beacon intervals listed in --cs {cs} (got {args.per_c!r})")
+    if args.episodes < 1:
+        raise SystemExit(f"error: --episodes must be >= 1 (got {args.episodes})")
     dtype, device_name = apply_device_arguments(args)
-    student = load_checkpoint(resolve_model(args.model), device=args.device, dtype=dtype)
-    teacher = load_checkpoint(resolve_model(args.teacher), device=args.device, dtype=dtype)
+    load = lambda name: load_checkpoint(resolve_model(name), device=args.device, dtype=dtype)  # noqa: E731
+    label = args.label or ("variable-c" if per_c else "student")
+    students = [(label, load(args.model), cs)]  # (name in the table, checkpoint, the c it runs at)
+    students += [(f"per-c {key}", load(path), [int(key)]) for key, path in per_c]
+    students += [(name, load(path), cs) for name, path in parse_students(args.also, "--also")]
+    teacher = load(args.teacher)
     rows = []
     for task in args.tasks.split(","):
         episodes = [make_episode(task, seed, args.difficulty) for seed in range(args.episodes)]
         full = run_cell(teacher, episodes, CompressionConfig(), args)
-        rows.append(dict(task=task, policy="teacher (full cache)", c=0, budget=0, **full))
-        own = run_cell(student, episodes, CompressionConfig(), args)
-        rows.append(dict(task=task, policy="student (full cache)", c=0, budget=0, **own))
-        curves: dict[str, list[tuple[float, float]]] = {}
-        for c in [int(x) for x in args.cs.split(",")]:
-            m = run_cell(student, episodes, CompressionConfig(policy="breadcrumbs", params={"c": str(c)}), args)
-            rows.append(dict(task=task, policy="breadcrumbs", c=c, budget=0, **m))
-            curves.setdefault("breadcrumbs", []).append((m["peak_kv"], m["accuracy"]))
-            budget = max(args.window + 4 + 1, round(m["peak_kv"]) - args.interval)
+        rows.append(dict(task=task, policy="teacher (full cache)", student="", c=0, budget=0, **full))
+        own = run_cell(students[0][1], episodes, CompressionConfig(), args)
+        rows.append(dict(task=task, policy="student (full cache)", student=label, c=0, budget=0, **own))
+        curves: dict[tuple[str, str], list[tuple[float, float]]] = {}
+        for c in cs:
+            first = None
+            for name, student, its_cs in students:
+                if c not in its_cs:
+                    continue
+                m = run_cell(student, episodes, CompressionConfig(policy="breadcrumbs", params={"c": str(c)}), args)
+                rows.append(dict(task=task, policy="breadcrumbs", student=name, c=c, budget=0, **m))
+                curves.setdefault(("breadcrumbs", name), []).append((m["peak_kv"], m["accuracy"]))
+                first = first or m
+            # The baselines run on the teacher at the main student's peak (every student's peak at one c is
+            # prompt + beacons + a window: the same to within a token or two).
+            budget = max(args.window + 4 + 1, round(first["peak_kv"]) - args.interval)
             for name in BASELINES:
                 b = run_cell(teacher, episodes, CompressionConfig(policy=name, budget=budget, interval=args.interval,
                                                                   window=args.window, sinks=4), args)
-                rows.append(dict(task=task, policy=name, c=c, budget=budget, **b))
-                curves.setdefault(name, []).append((b["peak_kv"], b["accuracy"]))
-            print(f"{task} c={c}: breadcrumbs {m['accuracy']:.2f} at peak {m['peak_kv']:.0f}; "
-                  + ", ".join(f"{r['policy']} {r['accuracy']:.2f}" for r in rows[-len(BASELINES):]), flush=True)
+                rows.append(dict(task=task, policy=name, student="", c=c, budget=budget, **b))
+                curves.setdefault((name, ""), []).append((b["peak_kv"], b["accuracy"]))
+            print(f"{task} c={c}: " + ", ".join(f"{r['policy']}{' ' + r['student'] if r['student'] else ''} "
+                                                 f"{r['accuracy']:.2f}" for r in rows if r["task"] == task
+                                                 and r["c"] == c), flush=True)
         for row in rows:
             if row["task"] == task:
-                row["auac"] = auac(curves[row["policy"]], full["peak_kv"]) if row["policy"] in curves else None
+                curve = curves.get((row["policy"], row["student"]))
+                # AUAC needs a curve: a per-c student has one point, so it gets none.
+                row["auac"] = auac(curve, full["peak_kv"]) if curve and len(curve) > 1 else None
                 row["of_teacher"] = row["accuracy"] / full["accuracy"] if full["accuracy"] else None
                 row["peak_vs_full"] = row["peak_kv"] / full["peak_kv"]
-                row.update(student=Path(student.path).name, device=device_name)
-    out = args.out or RESULTS / f"breadcrumbs_pareto_{'cpu' if args.device == 'cpu' else 'gpu'}.csv"
+                row.update(checkpoint=next((Path(s.path).name for n, s, _ in students if n == row["student"]), ""),
+                           difficulty=args.difficulty, device=device_name)
+    suffix = "" if args.difficulty == "default" else f"_{args.difficulty}"
+    out = args.out or RESULTS / f"breadcrumbs_pareto{suffix}_{'cpu' if args.device == 'cpu' else 'gpu'}.csv"
     write_csv(out, rows)
     print_table([{k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in r.items()} for r in rows],
-                ["task", "policy", "c", "budget", "accuracy", "of_teacher", "peak_kv", "peak_vs_full", "auac"])
+                ["task", "policy", "student", "c", "budget", "accuracy", "of_teacher", "peak_kv", "peak_vs_full", "auac"])
     print(f"wrote {out}")
     return 0
 

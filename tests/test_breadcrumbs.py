@@ -4,6 +4,7 @@ gives the same logits as one forward over the same sequence with the training bl
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -119,3 +120,40 @@ def test_the_bundled_student_runs_with_beacons():
     [full] = EpisodeRunner(engine).run([episode])
     [folded] = EpisodeRunner(engine, compression=CompressionConfig(policy="breadcrumbs", params={"c": "8"})).run([episode])
     assert folded.evicted_tokens >= 8 * 5 and folded.peak_kv_slots < 0.6 * full.peak_kv_slots
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--cs", "4,x"], "--cs takes comma-separated integers"),
+    (["--per-c", "4"], "--per-c takes KEY:DIR pairs"),
+    (["--per-c", "5:somewhere"], "--per-c keys must be beacon intervals listed in --cs"),
+    (["--also", ":dir"], "--also takes KEY:DIR pairs"),
+    (["--episodes", "0"], "--episodes must be >= 1"),
+])
+def test_the_breadcrumbs_pareto_refuses_bad_arguments(argv, message):
+    from benchmarks.breadcrumbs_pareto import main
+
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        main(["--model", "reasoner-v2-breadcrumbs", *argv])
+
+
+def test_the_breadcrumbs_pareto_puts_per_c_students_beside_the_variable_one(tmp_path):
+    """One episode, one c: the variable-c student, a per-c student and an extra student at that c, the baselines
+    at the main student's peak; rows name their student, curves with one point get no AUAC."""
+    import csv
+
+    from benchmarks.breadcrumbs_pareto import main
+
+    out = tmp_path / "table.csv"
+    student = "reasoner-v2-breadcrumbs"
+    assert main(["--model", student, "--per-c", f"8:{student}", "--also", f"again:{student}", "--cs", "8",
+                 "--tasks", "graph", "--episodes", "1", "--out", str(out)]) == 0
+    rows = list(csv.DictReader(out.open()))
+    beacons = {r["student"]: r for r in rows if r["policy"] == "breadcrumbs"}
+    assert set(beacons) == {"variable-c", "per-c 8", "again"}
+    # The same checkpoint at the same c: the same greedy result whichever row it is under.
+    assert beacons["variable-c"]["accuracy"] == beacons["per-c 8"]["accuracy"] == beacons["again"]["accuracy"]
+    assert beacons["variable-c"]["peak_kv"] == beacons["per-c 8"]["peak_kv"]
+    assert {r["policy"] for r in rows} >= {"teacher (full cache)", "student (full cache)", "tova", "streaming_llm"}
+    budget = round(float(beacons["variable-c"]["peak_kv"])) - 4
+    assert all(int(r["budget"]) == max(9, budget) for r in rows if r["policy"] in ("tova", "streaming_llm"))
+    assert all(r["auac"] == "" for r in rows)  # one c: no curve to integrate
