@@ -143,10 +143,39 @@ def main(argv=None) -> int:
     suffix = "" if args.difficulty == "default" else f"_{args.difficulty}"
     out = args.out or RESULTS / f"breadcrumbs_pareto{suffix}_{'cpu' if args.device == 'cpu' else 'gpu'}.csv"
     write_csv(out, rows)
+    plot(rows, out.with_suffix(".png"))
     print_table([{k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in r.items()} for r in rows],
                 ["task", "policy", "student", "c", "budget", "accuracy", "of_teacher", "peak_kv", "peak_vs_full", "auac"])
-    print(f"wrote {out}")
+    print(f"wrote {out} and {out.with_suffix('.png')}")
     return 0
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Accuracy vs peak KV (fraction of the teacher's full cache), a panel per task, a line per policy/student."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4.2), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        lines: dict[str, list[tuple[float, float]]] = {}
+        for r in rows:
+            if r["task"] == task and r["c"]:
+                name = f"{r['policy']} ({r['student']})" if r["student"] else r["policy"]
+                lines.setdefault(name, []).append((r["peak_vs_full"], r["accuracy"]))
+        for name, points in lines.items():
+            xs, ys = zip(*sorted(points))
+            ax.plot(xs, ys, marker="o" if name.startswith("breadcrumbs") else ".",
+                    linewidth=2 if name.startswith("breadcrumbs") else 1, label=name)
+        ax.set(title=f"{task} ({rows[0]['difficulty']})", xlabel="peak KV / teacher's full cache", ylabel="accuracy",
+               ylim=(-0.03, 1.03))
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -157,3 +157,4 @@ def test_the_breadcrumbs_pareto_puts_per_c_students_beside_the_variable_one(tmp_
     budget = round(float(beacons["variable-c"]["peak_kv"])) - 4
     assert all(int(r["budget"]) == max(9, budget) for r in rows if r["policy"] in ("tova", "streaming_llm"))
     assert all(r["auac"] == "" for r in rows)  # one c: no curve to integrate
+    assert out.with_suffix(".png").stat().st_size > 1000
