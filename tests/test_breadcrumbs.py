@@ -158,3 +158,19 @@ def test_the_breadcrumbs_pareto_puts_per_c_students_beside_the_variable_one(tmp_
     assert all(int(r["budget"]) == max(9, budget) for r in rows if r["policy"] in ("tova", "streaming_llm"))
     assert all(r["auac"] == "" for r in rows)  # one c: no curve to integrate
     assert out.with_suffix(".png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("name, trained", [("reasoner-v2-breadcrumbs", [4, 8, 16]), ("reasoner-v2-breadcrumbs-c4", [4]),
+                                           ("reasoner-v2-breadcrumbs-c8", [8]), ("reasoner-v2-breadcrumbs-c16", [16])])
+def test_each_bundled_student_names_its_c_and_the_commands_that_made_it(name, trained):
+    import json
+
+    from kvpilot.models import BUNDLED_MODELS
+
+    directory = BUNDLED_MODELS[name]
+    assert json.loads((directory / "breadcrumbs.json").read_text())["trained_c"] == trained
+    stages = json.loads((directory / "training.json").read_text())["stages"]
+    assert all(s["command"].startswith("kvpilot train-") for s in stages)
+    assert f"--breadcrumbs {','.join(map(str, trained))} " in stages[-1]["command"]
+    for stage in stages:  # each stage's curve is beside the model
+        assert (directory / stage["history"]).read_text().strip()
