@@ -32,6 +32,7 @@ from kvpilot.agent import EpisodeRunner  # noqa: E402
 from kvpilot.models import resolve_model  # noqa: E402
 from kvpilot.tasks import make_episode  # noqa: E402
 from policy_service.local import InProcessPolicy  # noqa: E402
+from policy_service.registry import POLICIES  # noqa: E402
 
 BASELINES = ("tova", "streaming_llm", "h2o", "rkv")
 
@@ -81,6 +82,7 @@ def main(argv=None) -> int:
     p.add_argument("--difficulty", default="default")
     p.add_argument("--cs", default="4,8,16", help="beacon intervals to run the student at")
     p.add_argument("--episodes", type=int, default=20, help="held-out episodes per task (seeds 0..N-1)")
+    p.add_argument("--baselines", default=",".join(BASELINES), help="budget policies run on the teacher at each peak")
     p.add_argument("--interval", type=int, default=4, help="the baselines' compression interval")
     p.add_argument("--window", type=int, default=4, help="the baselines' protected recent window")
     p.add_argument("--batch", type=int, default=8)
@@ -94,6 +96,10 @@ def main(argv=None) -> int:
     per_c = parse_students(args.per_c, "--per-c")
     if any(not key.isdigit() or int(key) not in cs for key, _ in per_c):
         raise SystemExit(f"error: --per-c keys must be beacon intervals listed in --cs {cs} (got {args.per_c!r})")
+    baselines = args.baselines.split(",") if args.baselines else []
+    unknown = [b for b in baselines if b not in POLICIES]
+    if unknown:
+        raise SystemExit(f"error: --baselines: unknown policies {unknown}; see `kvpilot policies`")
     if args.episodes < 1:
         raise SystemExit(f"error: --episodes must be >= 1 (got {args.episodes})")
     dtype, device_name = apply_device_arguments(args)
@@ -123,7 +129,7 @@ def main(argv=None) -> int:
             # The baselines run on the teacher at the main student's peak (every student's peak at one c is
             # prompt + beacons + a window: the same to within a token or two).
             budget = max(args.window + 4 + 1, round(first["peak_kv"]) - args.interval)
-            for name in BASELINES:
+            for name in baselines:
                 b = run_cell(teacher, episodes, CompressionConfig(policy=name, budget=budget, interval=args.interval,
                                                                   window=args.window, sinks=4), args)
                 rows.append(dict(task=task, policy=name, student="", c=c, budget=budget, **b))

@@ -128,6 +128,7 @@ def test_the_bundled_student_runs_with_beacons():
     (["--per-c", "5:somewhere"], "--per-c keys must be beacon intervals listed in --cs"),
     (["--also", ":dir"], "--also takes KEY:DIR pairs"),
     (["--episodes", "0"], "--episodes must be >= 1"),
+    (["--baselines", "tova,nope"], "--baselines: unknown policies"),
 ])
 def test_the_breadcrumbs_pareto_refuses_bad_arguments(argv, message):
     from benchmarks.breadcrumbs_pareto import main
