@@ -162,7 +162,8 @@ def test_the_breadcrumbs_pareto_puts_per_c_students_beside_the_variable_one(tmp_
 
 
 @pytest.mark.parametrize("name, trained", [("reasoner-v2-breadcrumbs", [4, 8, 16]), ("reasoner-v2-breadcrumbs-c4", [4]),
-                                           ("reasoner-v2-breadcrumbs-c8", [8]), ("reasoner-v2-breadcrumbs-c16", [16])])
+                                           ("reasoner-v2-breadcrumbs-c8", [8]), ("reasoner-v2-breadcrumbs-c16", [16]),
+                                           ("reasoner-v2-breadcrumbs-rl", [4, 8, 16])])
 def test_each_bundled_student_names_its_c_and_the_commands_that_made_it(name, trained):
     import json
 
@@ -172,6 +173,7 @@ def test_each_bundled_student_names_its_c_and_the_commands_that_made_it(name, tr
     assert json.loads((directory / "breadcrumbs.json").read_text())["trained_c"] == trained
     stages = json.loads((directory / "training.json").read_text())["stages"]
     assert all(s["command"].startswith("kvpilot train-") for s in stages)
-    assert f"--breadcrumbs {','.join(map(str, trained))} " in stages[-1]["command"]
+    distilled = [s for s in stages if s["command"].startswith("kvpilot train-model")][-1]
+    assert f"--breadcrumbs {','.join(map(str, trained))} " in distilled["command"]
     for stage in stages:  # each stage's curve is beside the model
         assert (directory / stage["history"]).read_text().strip()
