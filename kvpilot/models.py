@@ -14,7 +14,9 @@ BUNDLED_MODELS = {"reasoner": ASSETS / "reasoner",  # v1: 6 heads over 6 KV head
                   "reasoner-v2-sidequest": ASSETS / "reasoner-v2-sidequest",  # v2 fine-tuned for SideQuest
                   "reasoner-v2-breadcrumbs": ASSETS / "reasoner-v2-breadcrumbs",  # v2 + beacons, any c of 4/8/16
                   # Breadcrumbs students trained at one c each (the variable-c one above, trained further at that c)
-                  **{f"reasoner-v2-breadcrumbs-c{c}": ASSETS / f"reasoner-v2-breadcrumbs-c{c}" for c in (4, 8, 16)}}
+                  **{f"reasoner-v2-breadcrumbs-c{c}": ASSETS / f"reasoner-v2-breadcrumbs-c{c}" for c in (4, 8, 16)},
+                  # the variable-c student after Breadcrumbs' RL + distillation stage
+                  "reasoner-v2-breadcrumbs-rl": ASSETS / "reasoner-v2-breadcrumbs-rl"}
 DEFAULT_MODEL_NAME = "reasoner-v2"
 BUNDLED_MODEL = BUNDLED_MODELS[DEFAULT_MODEL_NAME]  # what a command runs without --model
 CACHE_DIR = Path(os.environ.get("KVPILOT_HOME", Path.home() / ".cache" / "kvpilot"))
