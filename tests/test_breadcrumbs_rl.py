@@ -84,6 +84,7 @@ def parse(*extra):
     (["--cs", "1"], "--cs takes beacon intervals"),
     (["--cs", "4,x"], "--cs takes beacon intervals"),
     (["--tasks", "variables,chess"], "unknown task"),
+    (["--tasks", "variables,multihop"], "single-pass tasks"),
     (["--difficulty", "brutal"], "--difficulty must be"),
     (["--group", "1"], "--group must be >= 2"),
     (["--prompts", "0"], "--prompts must be >= 1"),

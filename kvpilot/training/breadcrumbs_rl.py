@@ -51,6 +51,7 @@ from policy_service.scorers.breadcrumbs import MAX_BEACON_INTERVAL
 RL_SEED_OFFSET = 700_000  # rollout episodes: TRAIN_SEED_BASE + this + a draw (the supervised stage draws below 1e9)
 VALIDATION_SEED = 500  # periodic evaluation seeds 500.. (the Pareto tables use 0..N-1)
 STATE_FILE = "rl_state.pt"
+SINGLE_PASS_TASKS = ("variables", "graph")  # no tool turns: the answer follows the prompt in one generation
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -95,6 +96,10 @@ def check_args(args) -> list[int]:
     unknown = [t for t in args.tasks.split(",") if t not in TASKS]
     if unknown:
         raise SystemExit(f"error: --tasks: unknown task(s) {unknown}; known: {sorted(TASKS)}")
+    if any(t not in SINGLE_PASS_TASKS for t in args.tasks.split(",")):
+        # A rollout's generated tokens are one run after the prompt; tool outputs in between would become targets.
+        raise SystemExit(f"error: --tasks: the RL stage trains on single-pass tasks {list(SINGLE_PASS_TASKS)} "
+                         f"(beacons fold generated tokens only; got {args.tasks!r})")
     if args.difficulty not in ("easy", "default", "hard", "long"):
         raise SystemExit(f"error: --difficulty must be easy, default, hard or long (got {args.difficulty!r})")
     for name, low in (("steps", 1), ("prompts", 1), ("group", 2), ("eval_every", 1), ("eval_episodes", 1),
