@@ -214,6 +214,11 @@ def run(args) -> int:
 
     from tqdm import tqdm
 
+    # The distillation batches come from the supervised stage's own batch maker, at the same c as the step's.
+    distill_args = {c: train_model.parse_args(["--preset", "v2", "--tasks", args.tasks, "--breadcrumbs", str(c),
+                                               "--batch-tokens", str(args.distill_tokens), "--steps", "1",
+                                               "--curriculum-scale", "0.01", "--drill-share", "0", "--drill-warmup",
+                                               "0", "--seed", str(args.seed + 1000)]) for c in cs}
     bar = tqdm(total=args.steps, initial=step, disable=args.no_progress, dynamic_ncols=True, mininterval=5)
     started, last_save = time.monotonic() - elapsed, time.monotonic()
     while step < args.steps:
@@ -243,13 +248,8 @@ def run(args) -> int:
             pg = policy_gradient_loss(token_logprobs(model, batch), batch[2], advantages)
         distill = torch.zeros(())
         if args.distill_weight > 0:
-            sl_args = train_model.parse_args(["--preset", "v2", "--tasks", args.tasks, "--breadcrumbs", str(c),
-                                              "--batch-tokens", str(args.distill_tokens), "--steps", "1",
-                                              "--curriculum-scale", "0.01", "--drill-share", "0", "--drill-warmup", "0",
-                                              "--seed", str(args.seed + 1000)])
-            inputs, targets, mask, positions, attend = train_model.make_batch(sl_args, step + 1, vocab)  # past the curriculum's ramp
-            logp = token_logprobs(model, (inputs, targets, mask, positions, attend))
-            distill = -(logp[mask]).mean()
+            teacher_batch = train_model.make_batch(distill_args[c], step + 1, vocab)  # step + 1: past the ramp
+            distill = -token_logprobs(model, teacher_batch)[teacher_batch[2]].mean()
         loss = pg + args.distill_weight * distill
         pg_value, distill_value = float(pg.detach()), float(distill.detach())
         if loss.requires_grad:
@@ -275,10 +275,7 @@ def run(args) -> int:
         elapsed = time.monotonic() - started
         out_of_time = args.time_limit_minutes is not None and elapsed > 60 * args.time_limit_minutes
         if out_of_time or step == args.steps or time.monotonic() - last_save > 60 * args.checkpoint_minutes:
-            tmp = state_path.with_suffix(".tmp")
-            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                        "elapsed": elapsed}, tmp)
-            os.replace(tmp, state_path)  # atomic: a crash mid-write never leaves a broken checkpoint
+            train_model.save_state(state_path, model, optimizer, step, elapsed, 0.0, args)
             last_save = time.monotonic()
         if out_of_time:
             bar.write(f"time limit reached at step {step}; continue with --resume")

@@ -42,7 +42,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from decoder_service.checkpoint import load_checkpoint, save_checkpoint
+from decoder_service.checkpoint import BREADCRUMBS_FILE, load_checkpoint, save_checkpoint
 from decoder_service.model import ModelConfig, Transformer, causal_attention
 from decoder_service.tokenizer import TextTokenizer
 from kvpilot.tasks import TASKS, make_episode
@@ -567,7 +567,7 @@ def worker(rank: int, args, port: int | None) -> int:
         step = init_from_checkpoint(model, args.init_from, args.start_step)
         # The beacon starts as the mean embedding (a neutral point, no particular word), unless the checkpoint is a
         # breadcrumbs student already: then its trained beacon is kept and training continues from it.
-        if args.breadcrumbs and not (Path(args.init_from) / "breadcrumbs.json").is_file():
+        if args.breadcrumbs and not (Path(args.init_from) / BREADCRUMBS_FILE).is_file():
             from kvpilot.training.breadcrumbs import BEACON
 
             with torch.no_grad():
@@ -700,7 +700,6 @@ def finish(model, tokenizer, tokenizer_path: Path, tasks: list[str], args, step:
         save_checkpoint(model, tokenizer_path, directory)
         (directory / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
         if args.breadcrumbs:  # what makes the decoder accept policy breadcrumbs for this checkpoint
-            from decoder_service.checkpoint import BREADCRUMBS_FILE
             from kvpilot.training.breadcrumbs import BEACON
 
             (directory / BREADCRUMBS_FILE).write_text(json.dumps(
